@@ -1,0 +1,1 @@
+"""grpo_lib: Flow-GRPO for counting."""

@@ -1,0 +1,149 @@
+"""Typed parameters: one dataclass per notebook / script, loaded from YAML and validated.
+
+A notebook's ``parameters`` cell holds the same fields as literals (one per line, with a comment);
+papermill injects a YAML file's values after it. Scripts (``python -m grpo_lib.train x.yaml``,
+``accelerate launch``) load the same YAML through :func:`load_params`, so both paths share one
+schema and one set of checks. An unknown or mistyped key is an error naming it and listing the
+valid ones.
+
+Schemas live next to the code they configure (``grpo_lib.train.GRPOParams``, ...); ``SCHEMAS``
+maps a notebook / script name to its schema so that a params file ``params/<name>__<exp>.yaml``
+can be validated knowing only its file name.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+# notebook or script name -> "module:Class" (imported lazily: schemas import torch & friends)
+SCHEMAS: dict[str, str] = {
+    "00_derivation_checks": "grpo_lib.derivation:DerivationParams",
+    "01_cold_start": "grpo_lib.cold_start:ColdStartParams",
+    "02_counting_grpo": "grpo_lib.train:GRPOParams",
+    "03_evaluate": "grpo_lib.evaluate:EvalParams",
+    "04_inference_preview": "grpo_lib.widgets:PreviewParams",
+    "pretrain": "grpo_lib.pretrain:PretrainParams",
+}
+
+
+def schema_for(name: str) -> type:
+    """The params dataclass for a notebook / script name, or for a params file stem ``<name>__<exp>``."""
+    key = name.split("__")[0]
+    if key not in SCHEMAS:
+        raise ValueError(f"no params schema for {name!r}; known names: {sorted(SCHEMAS)}")
+    module, cls = SCHEMAS[key].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Loose runtime check of a YAML value against a dataclass field annotation."""
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return False
+        inner = args[0] if args else Any
+        return all(_type_ok(v, inner) for v in value) if inner is not Ellipsis else True
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            return False
+        kt, vt = (typing.get_args(tp) or (Any, Any))
+        return all(_type_ok(k, kt) and _type_ok(v, vt) for k, v in value.items())
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typing.get_origin(tp) is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def load_params(source: str | Path | Mapping[str, Any] | None, schema: type | None = None,
+                **overrides: Any):
+    """Build a params dataclass from a YAML file, a mapping, or nothing (defaults), plus overrides.
+
+    ``schema`` defaults to the one named by the YAML file's stem (``params/02_counting_grpo__x.yaml``).
+    Raises ``ValueError`` naming any unknown key (with the valid ones) or any value of the wrong type.
+    The dataclass's own ``__post_init__`` does the range checks.
+    """
+    values: dict[str, Any] = {}
+    origin = "overrides"
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"params file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"params file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
+        values.update(loaded)
+        origin = str(path)
+        if schema is None:
+            schema = schema_for(path.stem)
+    elif source is not None:
+        values.update(source)
+        origin = "mapping"
+    values.update(overrides)
+    if schema is None:
+        raise ValueError("load_params needs a schema when the source is not a params/<name>__<exp>.yaml file")
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} in {origin} for {schema.__name__}; "
+                         f"valid keys are: {sorted(fields)}")
+    for k, v in list(values.items()):
+        if not _type_ok(v, hints[k]):
+            raise ValueError(f"parameter {k}={v!r} in {origin} has type {type(v).__name__}, "
+                             f"expected {hints[k]}")
+        values[k] = _coerce(v, hints[k])
+    return schema(**values)
+
+
+def to_dict(params) -> dict[str, Any]:
+    """Plain dict of a params dataclass (for logging, JSON and papermill)."""
+    return json.loads(json.dumps(dataclasses.asdict(params), default=list))
+
+
+def notebook_parameters(notebook_path: str | Path) -> dict[str, Any]:
+    """The literals of a notebook's ``parameters``-tagged cell, as a dict.
+
+    Raises ``ValueError`` if the cell is missing or holds anything but ``name = <literal>`` lines,
+    because papermill and :func:`load_params` both rely on it being pure data.
+    """
+    nb = json.loads(Path(notebook_path).read_text())
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{notebook_path}: expected exactly one cell tagged 'parameters', found {len(cells)}")
+    src = "".join(cells[0]["source"])
+    out: dict[str, Any] = {}
+    for node in ast.parse(src).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            raise ValueError(f"{notebook_path}: parameters cell line {node.lineno} is not `name = literal`")
+        try:
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+        except ValueError as e:
+            raise ValueError(f"{notebook_path}: parameter {node.targets[0].id!r} is not a literal") from e
+    return out

@@ -1,0 +1,83 @@
+"""The main job: run the numbered notebooks headless with papermill and collect the run record.
+
+``python -m grpo_lib.pipeline --name embedded-default`` (what ``make run`` calls) executes each
+stage's notebook with its ``params/<notebook>__<experiment>.yaml`` file, writes the executed copy
+and an HTML export under ``runs/<name>/``, and stops at the first failing stage (papermill keeps
+the traceback in the executed notebook). Every notebook takes a ``run_dir`` parameter, pointed here
+at ``runs/<name>``, so later stages find earlier stages' checkpoints and tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (notebook, params experiment) in execution order; later issues append their stages here.
+STAGES: list[tuple[str, str]] = [
+    ("00_derivation_checks", "default"),
+]
+
+
+def execute_notebook(notebook: str, params_file: str | Path | None, out_dir: str | Path,
+                     parameters: dict | None = None, kernel: str = "python3",
+                     log_output: bool = False) -> Path:
+    """Run ``notebooks/<notebook>.ipynb`` with papermill (cwd = repo root); return the executed copy's path.
+
+    ``parameters`` override the YAML values (papermill injects both, dict last).
+    """
+    import papermill as pm
+    import yaml
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged: dict = {}
+    if params_file is not None:
+        merged.update(yaml.safe_load(Path(params_file).read_text()) or {})
+    merged.update(parameters or {})
+    out = out_dir / f"{notebook}.ipynb"
+    pm.execute_notebook(str(REPO / "notebooks" / f"{notebook}.ipynb"), str(out), parameters=merged,
+                        kernel_name=kernel, cwd=str(REPO), progress_bar=False, log_output=log_output)
+    return out
+
+
+def export_html(executed: Path) -> Path:
+    """nbconvert the executed notebook to a self-contained HTML file beside it."""
+    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", str(executed),
+                    "--output", executed.with_suffix(".html").name], check=True,
+                   capture_output=True)
+    return executed.with_suffix(".html")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", default="embedded-default", help="run name: outputs go to runs/<name>/")
+    ap.add_argument("--kernel", default="python3", help="Jupyter kernel for papermill")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these notebooks (names)")
+    args = ap.parse_args(argv)
+    run_dir = REPO / "runs" / args.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    for notebook, experiment in STAGES:
+        if args.only and notebook not in args.only:
+            continue
+        params_file = REPO / "params" / f"{notebook}__{experiment}.yaml"
+        print(f"[pipeline] {notebook} with {params_file.relative_to(REPO)} -> runs/{args.name}/", flush=True)
+        t0 = time.perf_counter()
+        executed = execute_notebook(notebook, params_file, run_dir,
+                                    parameters={"run_dir": str(run_dir.relative_to(REPO))},
+                                    kernel=args.kernel, log_output=True)
+        export_html(executed)
+        timings[notebook] = round(time.perf_counter() - t0, 1)
+        print(f"[pipeline] {notebook} done in {timings[notebook]} s", flush=True)
+    (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    print(f"[pipeline] all stages done: {json.dumps(timings)}; see runs/{args.name}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

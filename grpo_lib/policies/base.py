@@ -1,0 +1,122 @@
+"""The policy contract shared by every world (design.md §4).
+
+A policy is everything the Flow-GRPO machinery needs from a text-to-image flow model:
+
+| method / attribute                         | meaning                                                        |
+|--------------------------------------------|----------------------------------------------------------------|
+| ``convention``                             | ``"noise_at_one"`` (SD3: x_t=(1-t)x_0+t eps) or ``"noise_at_zero"`` (Show-o2) |
+| ``latent_shape``                           | (C, H, W) of one latent                                        |
+| ``device``, ``dtype``                      | where / in which precision the network runs                   |
+| ``encode(prompts) -> Cond``                | prompt conditioning; also holds the empty-prompt (CFG) branch |
+| ``velocity(x_t, t, cond, guidance_scale)`` | v_theta(x_t, t) in the policy's own convention, CFG applied   |
+| ``decode(latents) -> uint8 (B, H, W, 3)``  | latents to images (identity codec in the embedded world)      |
+| ``trainable_parameters()``                 | the parameters GRPO updates (LoRA, or the Show-o2 head)       |
+| ``reference()``                            | context manager: inside it the policy is the frozen reference |
+
+``t`` is always the convention's own time in [0, 1], a float or a per-sample tensor of shape (B,).
+The rollout and GRPO code only ever talk to this interface, so a test can swap in an analytic
+velocity field and the tiny, SD3 and Show-o2 policies share one training loop.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+CONVENTIONS = ("noise_at_one", "noise_at_zero")
+
+
+@dataclass
+class Cond:
+    """Batch-first conditioning tensors for B prompts, plus their unconditional (empty prompt) twins.
+
+    ``tensors`` and ``uncond`` map names to tensors whose first dimension is the batch (B, ...).
+    ``uncond`` may be empty for a policy that does no classifier-free guidance.
+    Slicing (``cond[idx]``) and ``Cond.cat`` keep cond and uncond aligned, so the rollout can
+    store conditioning per sample and the trainer can re-batch it.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def __getitem__(self, idx) -> "Cond":
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        return Cond({k: v[idx] for k, v in self.tensors.items()},
+                    {k: v[idx] for k, v in self.uncond.items()})
+
+    def to(self, device=None, dtype=None) -> "Cond":
+        def move(v: torch.Tensor) -> torch.Tensor:
+            # integer tensors (token ids, masks) keep their dtype
+            return v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
+        return Cond({k: move(v) for k, v in self.tensors.items()},
+                    {k: move(v) for k, v in self.uncond.items()})
+
+    @staticmethod
+    def cat(conds: Sequence["Cond"]) -> "Cond":
+        if not conds:
+            raise ValueError("Cond.cat needs at least one Cond, got an empty sequence")
+        keys, ukeys = conds[0].tensors.keys(), conds[0].uncond.keys()
+        return Cond({k: torch.cat([c.tensors[k] for c in conds]) for k in keys},
+                    {k: torch.cat([c.uncond[k] for c in conds]) for k in ukeys})
+
+
+@runtime_checkable
+class Policy(Protocol):
+    convention: str
+    latent_shape: tuple[int, int, int]
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def encode(self, prompts: Sequence[str]) -> Cond: ...
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: Cond,
+                 guidance_scale: float = 1.0) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray: ...
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def reference(self) -> contextlib.AbstractContextManager: ...
+
+
+def check_convention(convention: str) -> str:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention={convention!r} is not one of {CONVENTIONS}")
+    return convention
+
+
+def apply_cfg(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: v = v_u + g (v_c - v_u)  (upstream Flow-GRPO / SD3 pipeline)."""
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model) -> Iterator[None]:
+    """Run ``model`` (a diffusers model with a peft adapter) with its LoRA switched off.
+
+    diffusers exposes ``disable_adapters()`` / ``enable_adapters()`` but no context manager; the
+    ``finally`` re-enables the adapter even if the body raises, so a crash inside the reference
+    pass cannot leave training running on the base weights.
+    """
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
+
+
+def images_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounding like diffusers' image processor."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,34 @@
+"""Shared test fixtures: deterministic torch, and a papermill runner for the notebooks."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture
+def run_notebook(tmp_path):
+    """run_notebook(name, experiment="smoke", **params) executes notebooks/<name>.ipynb with
+    params/<name>__<experiment>.yaml into a temp run_dir and returns (executed_path, run_dir)."""
+    from grpo_lib.pipeline import execute_notebook
+
+    def _run(name: str, experiment: str = "smoke", **parameters):
+        run_dir = tmp_path / "run"
+        parameters.setdefault("run_dir", str(run_dir))
+        executed = execute_notebook(name, REPO / "params" / f"{name}__{experiment}.yaml", tmp_path,
+                                    parameters=parameters)
+        return executed, run_dir
+
+    return _run

@@ -1,0 +1,91 @@
+"""Project-level contracts: the conda env matches pyproject, params load strictly, notebooks are clean."""
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from grpo_lib import params as P
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~\[; ]", req.strip(), maxsplit=1)[0].lower()
+
+
+def test_environment_yml_names_pyproject_packages(repo):
+    pyproject = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    wanted = {_name(r) for r in pyproject["dependencies"]} | {_name(r) for r in pyproject["optional-dependencies"]["dev"]}
+    env = yaml.safe_load((repo / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    listed = {_name(r) for r in pip_section if not r.startswith("-e")}
+    assert listed == wanted
+    assert "-e ." in pip_section
+    assert "python=3.11" in env["dependencies"]
+
+
+def test_constraints_pin_cpu_torch(repo):
+    assert "torch==2.13.0" in (repo / "constraints.txt").read_text().split()
+    assert "-c constraints.txt" in (repo / "Makefile").read_text()
+
+
+@dataclass
+class _Demo:
+    run_dir: str = "runs/dev"
+    lr: float = 1e-4
+    steps: int = 10
+    reward: dict[str, float] = field(default_factory=lambda: {"counting_strict": 1.0})
+    note: str | None = None
+
+
+def test_load_params_types_and_unknown_keys(tmp_path):
+    p = P.load_params({"lr": 3, "steps": 5}, _Demo)
+    assert p.lr == 3.0 and isinstance(p.lr, float) and p.steps == 5
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['stpes'\].*valid keys are: \['lr', 'note', 'reward', 'run_dir', 'steps'\]"):
+        P.load_params({"stpes": 5}, _Demo)
+    with pytest.raises(ValueError, match=r"steps=2.5 .* expected <class 'int'>"):
+        P.load_params({"steps": 2.5}, _Demo)
+    with pytest.raises(ValueError, match="reward="):
+        P.load_params({"reward": {"counting_strict": "high"}}, _Demo)
+    f = tmp_path / "x.yaml"
+    f.write_text("lr: 0.5\nnote: hi\n")
+    assert P.load_params(f, _Demo, steps=7) == _Demo(lr=0.5, note="hi", steps=7)
+    with pytest.raises(ValueError, match="does not exist"):
+        P.load_params(tmp_path / "missing.yaml", _Demo)
+    with pytest.raises(ValueError, match="no params schema for 'nonsense__x'"):
+        P.schema_for("nonsense__x")
+
+
+NOTEBOOKS = sorted(p.stem for p in (P.__file__ and __import__("pathlib").Path(P.__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_notebook_is_clean_and_its_params_match_schema(repo, notebook):
+    path = repo / "notebooks" / f"{notebook}.ipynb"
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [] and cell.get("execution_count") is None, \
+                f"{notebook}: commit notebooks without outputs"
+    cell_params = P.notebook_parameters(path)
+    schema = P.schema_for(notebook)
+    import dataclasses
+    fields = {f.name for f in dataclasses.fields(schema)}
+    assert set(cell_params) == fields, f"{notebook}: parameters cell and {schema.__name__} differ"
+    assert "run_dir" in fields
+    # every literal in the parameters cell carries a trailing comment
+    src = next("".join(c["source"]) for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    for line in src.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            assert "#" in line.split("=", 1)[1], f"{notebook}: parameter line without a comment: {line!r}"
+    # the cell's defaults are the schema's defaults
+    assert P.to_dict(P.load_params(cell_params, schema)) == P.to_dict(schema())
+
+
+PARAM_FILES = sorted((__import__("pathlib").Path(P.__file__).resolve().parents[1] / "params").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
+def test_every_params_file_validates(path):
+    P.load_params(path)

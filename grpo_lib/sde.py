@@ -270,39 +270,48 @@ def sde_step_with_logprob(
         stand_in = sigma_next if sigma_max is None else torch.full_like(sigma, float(sigma_max))
         sigma_den = torch.where(sigma == 1, stand_in, sigma)
         std_dev_t = noise_level * torch.sqrt(sigma / (1 - sigma_den))          # (B, 1, 1, 1)
-        # Euler–Maruyama of dx = [v + sigma_t^2/(2 sigma) (x + (1 - sigma) v)] dsigma + sigma_t dw
-        mean = (x * (1 + std_dev_t ** 2 / (2 * sigma) * dt)
-                + v * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt)  # (B, C, H, W)
+        # Euler–Maruyama of dx = [v + sigma_t^2/(2 sigma) (x + (1 - sigma) v)] dsigma + sigma_t dw;
+        # per-sample coefficients first, so the (B, C, H, W) work is two multiplies and an add
+        coef_x = 1 + std_dev_t ** 2 / (2 * sigma) * dt                         # (B, 1, 1, 1)
+        coef_v = (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt         # (B, 1, 1, 1)
         std = std_dev_t * torch.sqrt(-dt)                                      # (B, 1, 1, 1)
     else:
         std_dev_t = sigma_next * math.sin(noise_level * math.pi / 2)           # (B, 1, 1, 1)
-        x0_hat = x - sigma * v                                                 # predicted data
-        x1_hat = x + (1 - sigma) * v                                           # predicted noise
-        # sigma'^2 - sigma_t^2 = sigma'^2 cos^2(a pi/2) >= 0; clamp only guards float rounding at a = 1
-        noise_coef = torch.sqrt((sigma_next ** 2 - std_dev_t ** 2).clamp_min(0))
-        mean = (1 - sigma_next) * x0_hat + noise_coef * x1_hat
+        # mu = (1 - sigma') x0^ + c x1^ with x0^ = x - sigma v (predicted data), x1^ = x + (1 - sigma) v
+        # (predicted noise), c = sqrt(sigma'^2 - sigma_t^2) = sigma' |cos(a pi/2)|; the clamp only guards
+        # float rounding at a = 1. Collected into per-sample coefficients of x and v.
+        c = torch.sqrt((sigma_next ** 2 - std_dev_t ** 2).clamp_min(0))        # (B, 1, 1, 1)
+        coef_x = (1 - sigma_next) + c
+        coef_v = c * (1 - sigma) - (1 - sigma_next) * sigma
         std = std_dev_t
+    # (for a = 0 and 'sde': coef_x == 1 and coef_v == dt exactly, so mu == x + dt v bit for bit)
+    mean = x * coef_x + v * coef_v                                             # (B, C, H, W)
 
     # 4. sample x' = mu + std * eps (or take the given transition)
     if prev_sample is None:
         if noise_level == 0:
             prev = mean
         else:
-            eps = _draw_noise(x.shape, generator, device)
+            eps = _draw_noise(x.shape, generator, device)                      # (B, C, H, W)
             prev = mean + std * eps
     else:
         prev = prev_sample.to(torch.float32)
 
-    # 5. log N(x'; mu, std^2), averaged over the non-batch dims (upstream: mean, not sum)
-    reduce_dims = tuple(range(1, ndim))
-    diff = prev.detach() - mean
-    positive = std > 0
+    # 5. log N(x'; mu, std^2), averaged over the non-batch dims (upstream: mean, not sum):
+    #    mean_chw[-(x'-mu)^2/(2 s^2) - log s - log sqrt(2 pi)] = -mean_chw[(x'-mu)^2]/(2 s^2) - log s - ...
+    #    (s is per sample, so only the squared residual is reduced over (C, H, W))
+    if noise_level == 0:
+        log_prob = torch.zeros(batch, dtype=torch.float32, device=device)
+        return prev, log_prob, mean, std
+    sq = ((prev.detach() - mean) ** 2).mean(dim=tuple(range(1, ndim)))       # (B,)
+    s = std.reshape(batch)                                                     # (B,)
+    positive = s > 0
     if sde_type == "cps" and cps_logprob == "upstream":
-        elem = -(diff ** 2)
+        log_prob = -sq
     else:
-        safe_std = torch.where(positive, std, torch.ones_like(std))
-        elem = -(diff ** 2) / (2 * safe_std ** 2) - torch.log(safe_std) - _HALF_LOG_2PI
-    log_prob = torch.where(positive, elem, torch.zeros_like(elem)).mean(dim=reduce_dims)  # (B,)
+        safe_s = torch.where(positive, s, torch.ones_like(s))
+        log_prob = -sq / (2 * safe_s ** 2) - torch.log(safe_s) - _HALF_LOG_2PI
+    log_prob = torch.where(positive, log_prob, torch.zeros_like(log_prob))   # (B,)
     return prev, log_prob, mean, std
 
 

@@ -1,0 +1,651 @@
+"""The Flow-GRPO training loop, one for every policy (embedded tiny, SD3, Show-o2).
+
+Per epoch (flow_grpo_notes §1.4-1.9):
+
+1. **sample**: the :class:`~grpo_lib.grpo.GroupSampler` plans M groups x G copies over P processes;
+   each process rolls out its batches with the SDE step (log-probs stored) — the reward of batch i
+   runs in a background thread while batch i+1 samples;
+2. **score and gather**: rewards and group ids are gathered over processes; advantages are
+   (r - group mean) / (global std + eps), zero-spread groups are dropped (``zero_std_ratio``);
+3. **train**: over the selected timesteps (``first_50`` = the noisiest half), recompute the step's
+   log-prob with grad, PPO-clip it against the rollout's, add beta x step-KL to the reference
+   (LoRA off = the cold-start model); gradients are averaged over processes by an explicit
+   all-reduce at each update (no DDP wrapper, so any policy object works unchanged);
+4. **log / evaluate / checkpoint**: metrics per epoch to CSV and TensorBoard, ODE evaluation on
+   held-out prompts with the quality guard, atomic checkpoints, ``resume: true`` continues exactly.
+
+Randomness is keyed on (seed, epoch, global sample index), not on a global RNG stream, so a run
+split over 2 processes samples the same images as 1 process with the same global batch, and a
+resumed run continues exactly as an uninterrupted one.
+
+Run: ``python -m grpo_lib.train params/02_counting_grpo__smoke.yaml`` or
+``accelerate launch -m grpo_lib.train params/<x>.yaml`` (see README for the CPU multi-process form).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GRPOParams:
+    """Fields of notebooks/02_counting_grpo.ipynb's parameters cell (and of params/02_counting_grpo__*.yaml)."""
+    run_dir: str = "runs/dev"                              # outputs: metrics, checkpoints, plots
+    world: str = "embedded"                                # embedded | sd3 | showo2
+    model: str = "data/checkpoints/tiny-base"              # base checkpoint (dir or hub id on GPU nodes)
+    cold_start_lora: str = ""                              # LoRA merged into the base first ("" = none); KL reference
+    convention: str = "noise_at_one"                       # time convention the policy runs in
+    trainable: str = "lora"                                # lora | diffusion (Show-o2 head) | all
+    lora_rank: int = 16                                    # LoRA r
+    lora_alpha: int = 16                                   # LoRA alpha
+    train_prompts: str = "data/counting/train.jsonl"       # GenEval-format rows to train on
+    eval_prompts: str = "data/counting/test.jsonl"         # held-out rows for the per-epoch evaluation
+    reward: dict[str, float] = field(default_factory=lambda: {"counting_strict": 1.0})  # name -> weight
+    num_steps: int = 10                                    # sampling steps of a rollout
+    eval_num_steps: int = 20                               # ODE steps at evaluation
+    shift: float = 1.0                                     # sigma-schedule shift (SD3.5: 3.0)
+    guidance_scale: float = 1.0                            # CFG at rollout (1 = off)
+    eval_guidance_scale: float = 1.0                       # CFG at evaluation
+    noise_level: float = 0.7                               # a in sigma_t = a sqrt(t/(1-t))
+    sde_type: str = "sde"                                  # sde | cps
+    timestep_strategy: str = "first_50"                    # all | first_<p> | random_<p> | drop_ends | window
+    sde_window_size: int = 0                               # >0: Flow-GRPO-Fast SDE window, ODE elsewhere
+    group_size: int = 8                                    # images per prompt (G)
+    batch_size: int = 16                                   # images per process per sampling batch
+    batches_per_epoch: int = 4                             # sampling batches per epoch
+    updates_per_epoch: int = 2                             # optimizer steps per epoch (upstream: 2)
+    num_epochs: int = 10                                   # GRPO epochs
+    lr: float = 1e-4                                       # AdamW learning rate
+    weight_decay: float = 1e-4                             # AdamW weight decay
+    beta: float = 0.01                                     # KL weight
+    kl_convention: str = "paper"                           # paper | upstream (see grpo_lib.sde.step_kl)
+    clip_range: float = 1e-4                               # PPO clip epsilon on the per-element-mean ratio
+    adv_clip_max: float = 5.0                              # advantage clip
+    global_std: bool = True                                # advantage std over the whole batch
+    ratio_norm: bool = False                               # GRPO-Guard RatioNorm
+    max_grad_norm: float = 1.0                             # gradient clipping
+    ema_decay: float = 0.0                                 # EMA of trainable weights for eval (0 = off)
+    mixed_precision: str = "no"                            # no | fp16 | bf16 (fp32 on CPU)
+    seed: int = 0                                          # everything random is keyed on it
+    eval_every: int = 2                                    # evaluate every N epochs (and at the end)
+    eval_max_prompts: int = 64                             # held-out prompts per evaluation
+    save_every: int = 2                                    # checkpoint every N epochs
+    resume: bool = False                                   # continue from run_dir/checkpoints/latest
+    time_budget_minutes: float = 0.0                       # stop after this many minutes (0 = no limit)
+    guard_max_drop: float = 0.05                           # quality guard: max relative drop vs the start
+    progress: bool = True                                  # tqdm bars
+
+    def __post_init__(self):
+        if self.world not in ("embedded", "sd3", "showo2"):
+            raise ValueError(f"world={self.world!r} is not one of ('embedded', 'sd3', 'showo2')")
+        if self.trainable not in ("lora", "diffusion", "all"):
+            raise ValueError(f"trainable={self.trainable!r} is not one of ('lora', 'diffusion', 'all')")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of ('no', 'fp16', 'bf16')")
+        for name in ("num_steps", "eval_num_steps", "group_size", "batch_size", "batches_per_epoch",
+                     "updates_per_epoch", "num_epochs", "eval_every", "save_every", "eval_max_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.batches_per_epoch % self.updates_per_epoch:
+            raise ValueError(f"batches_per_epoch={self.batches_per_epoch} is not a multiple of "
+                             f"updates_per_epoch={self.updates_per_epoch}; each update must see whole batches")
+        if self.noise_level < 0:
+            raise ValueError(f"noise_level={self.noise_level} must be >= 0")
+        if self.noise_level == 0:
+            raise ValueError("noise_level=0 makes every step deterministic: GRPO needs stochastic steps")
+        if self.clip_range <= 0:
+            raise ValueError(f"clip_range={self.clip_range} must be > 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_seed(seed: int, epoch: int, index: int, stream: str) -> int:
+    """Seed of one sample's randomness, independent of how samples are split over processes."""
+    h = hashlib.blake2b(f"{seed}/{epoch}/{index}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def atomic_save_dir(build: Callable[[Path], None], final: Path) -> None:
+    """Write a directory atomically: build it under a temp name, then rename over ``final``."""
+    final = Path(final)
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = Path(str(path) + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _flat_allreduce_mean(params: list[torch.nn.Parameter], accelerator) -> None:
+    """Average the gradients of ``params`` over processes in one collective (gloo / NCCL)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochBatch:
+    """One process's rollouts of one sampling batch, plus what the update needs."""
+    rows: list[dict]                 # GenEval metadata rows (B,)
+    group_ids: torch.Tensor          # (B,) long
+    global_index: torch.Tensor       # (B,) long: position in the epoch's global sample order
+    traj: Any                        # grpo_lib.rollout.Trajectories
+    rewards: Any = None              # future -> (rewards (B,), info)
+
+
+class GRPOTrainer:
+    """Holds the policy, optimizer, reward, sampler and logs of one GRPO run.
+
+    ``GRPOTrainer(params).fit()`` runs it; the notebook drives it the same way. ``policy`` and
+    ``reward_fn`` may be passed in (tests feed tiny random components or an analytic reward).
+    """
+
+    def __init__(self, params: GRPOParams, *, policy=None, reward_fn=None, accelerator=None):
+        from accelerate import Accelerator
+
+        from grpo_lib import grpo, scenes
+
+        self.p = params
+        self.acc = accelerator or Accelerator(mixed_precision=params.mixed_precision,
+                                              cpu=not torch.cuda.is_available())
+        self.run_dir = Path(params.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.acc.is_main_process:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.train_rows = scenes.load_rows(params.train_prompts)
+        self.eval_rows = scenes.load_rows(params.eval_prompts)[: params.eval_max_prompts] \
+            if params.eval_prompts else []
+        self.policy = policy if policy is not None else load_policy_for(params, self.acc.device)
+        if reward_fn is None:
+            from grpo_lib.rewards import build_reward
+            reward_fn = build_reward(params.reward)
+        self.reward_fn = reward_fn
+        self.params_list = list(self.policy.trainable_parameters())
+        if not self.params_list:
+            raise ValueError("the policy has no trainable parameters: attach a LoRA or choose trainable='all'")
+        self.opt = torch.optim.AdamW(self.params_list, lr=params.lr, weight_decay=params.weight_decay)
+        self.ema = grpo.EMA(self.params_list, decay=params.ema_decay) if params.ema_decay > 0 else None
+        self.sampler = grpo.GroupSampler(
+            len(self.train_rows), group_size=params.group_size, batch_size=params.batch_size,
+            num_processes=self.acc.num_processes, rank=self.acc.process_index,
+            batches_per_epoch=params.batches_per_epoch, seed=params.seed)
+        self.arith = self.sampler.arith
+        self.times = _times(params.num_steps, params.shift, self.policy.convention)
+        self.eval_times = _times(params.eval_num_steps, params.shift, self.policy.convention)
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.guard_reference: dict | None = None
+        self._tb = None
+        self._pool = ThreadPoolExecutor(max_workers=1)   # the reward runs beside the next rollout
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch,
+                "trainable": [p.detach().cpu().clone() for p in self.params_list],
+                "optimizer": self.opt.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None,
+                "history": self.history, "best": self.best, "guard_reference": self.guard_reference,
+                "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()}
+
+    def save_checkpoint(self) -> Path | None:
+        """Atomic checkpoint of everything ``resume`` needs; refuses non-finite weights."""
+        if not all(torch.isfinite(p).all() for p in self.params_list):
+            self._log_event(f"epoch {self.epoch}: non-finite weights, checkpoint NOT written")
+            return None
+        if not self.acc.is_main_process:
+            return None
+        final = self.ckpt_dir / f"epoch_{self.epoch:04d}"
+
+        def build(tmp: Path) -> None:
+            torch.save(self.state(), tmp / "trainer_state.pt")
+            if hasattr(self.policy, "save_lora") and self.p.trainable == "lora":
+                self.policy.save_lora(tmp / "lora")
+            (tmp / "metrics.json").write_text(json.dumps(self.history[-1] if self.history else {}, indent=1))
+
+        atomic_save_dir(build, final)
+        atomic_write_text(self.ckpt_dir / "latest", final.name)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(Path(path) / "trainer_state.pt", weights_only=False, map_location="cpu")
+        with torch.no_grad():
+            for p, v in zip(self.params_list, state["trainable"]):
+                p.copy_(v.to(p.device))
+        self.opt.load_state_dict(state["optimizer"])
+        if self.ema and state["ema"]:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.history = state["epoch"], state["history"]
+        self.best, self.guard_reference = state["best"], state["guard_reference"]
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+
+    def maybe_resume(self) -> bool:
+        latest = self.ckpt_dir / "latest"
+        if not (self.p.resume and latest.is_file()):
+            return False
+        self.load_checkpoint(self.ckpt_dir / latest.read_text().strip())
+        self._log_event(f"resumed from {latest.read_text().strip()} (epoch {self.epoch})")
+        return True
+
+    # -- one epoch ----------------------------------------------------------------------------
+
+    def _generators(self, epoch: int, global_index: torch.Tensor, stream: str) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(sample_seed(self.p.seed, epoch, int(i), stream))
+                for i in global_index]
+
+    def sample_epoch(self, epoch: int) -> list[EpochBatch]:
+        """Roll out this process's batches of ``epoch``; rewards are computed in the background."""
+        from grpo_lib.rollout import sample_trajectories, sde_window
+
+        p, a = self.p, self.arith
+        prompts_plan, gid_plan = self.sampler.epoch_plan(epoch)                    # (N_b, P, B)
+        batches = []
+        for i in self._bar(range(a.batches_per_epoch), desc=f"epoch {epoch} sampling"):
+            idx = prompts_plan[i, self.acc.process_index]                           # (B,)
+            gids = gid_plan[i, self.acc.process_index]                              # (B,)
+            # position in the epoch's global order: identical whatever the process split
+            gidx = (i * a.num_processes + self.acc.process_index) * a.batch_size + torch.arange(a.batch_size)
+            rows = [self.train_rows[j] for j in idx.tolist()]
+            window = None
+            if p.sde_window_size > 0:   # one window per global batch (all processes agree)
+                g = torch.Generator().manual_seed(sample_seed(p.seed, epoch, i, "window"))
+                window = sde_window(p.sde_window_size, p.num_steps, generator=g)
+            traj = sample_trajectories(
+                self.policy, [r["prompt"] for r in rows], num_steps=p.num_steps, shift=p.shift,
+                guidance_scale=p.guidance_scale, noise_level=p.noise_level, sde_type=p.sde_type,
+                window=window, generator=self._generators(epoch, gidx, "rollout"),
+                store_means=p.ratio_norm)
+            fut = self._pool.submit(self.reward_fn, traj.images, [r["prompt"] for r in rows], rows)
+            batches.append(EpochBatch(rows, gids, gidx, traj, fut))
+        for b in batches:
+            b.rewards = b.rewards.result()
+        return batches
+
+    def advantages(self, batches: list[EpochBatch]) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+        """Gather rewards and group ids over processes, compute advantages, split back per batch."""
+        from grpo_lib.grpo import compute_advantages
+
+        local_r = torch.cat([torch.as_tensor(b.rewards[0], dtype=torch.float32) for b in batches])
+        local_g = torch.cat([b.group_ids for b in batches])
+        all_r = self.acc.gather(local_r.to(self.acc.device)).cpu()
+        all_g = self.acc.gather(local_g.to(self.acc.device)).cpu()
+        adv, keep, stats = compute_advantages(all_r, all_g, global_std=self.p.global_std,
+                                              adv_clip_max=self.p.adv_clip_max)
+        # the local samples' slice of the gathered (P * N_local) vector
+        n = local_r.numel()
+        sl = slice(self.acc.process_index * n, (self.acc.process_index + 1) * n)
+        adv, keep = adv[sl], keep[sl]
+        B = self.arith.batch_size
+        stats.update(reward_mean=float(all_r.mean()), reward_std=float(all_r.std(correction=0)))
+        infos = [b.rewards[1] for b in batches]
+        for key in ("strict", "correct", "count_correct"):
+            if key in infos[0]:
+                vals = torch.as_tensor(np.concatenate([np.asarray(inf[key], np.float32) for inf in infos]))
+                stats["strict_accuracy"] = float(self.acc.gather(vals.to(self.acc.device)).mean())
+                break
+        # the number of kept samples of each global batch, known to every process
+        all_keep = self.acc.gather(keep.to(self.acc.device).float()).cpu().view(self.acc.num_processes, -1)
+        kept_per_batch = all_keep.view(self.acc.num_processes, len(batches), B).sum(dim=(0, 2))   # (N_b,)
+        stats["kept_per_batch"] = kept_per_batch
+        return [adv[j * B:(j + 1) * B] for j in range(len(batches))], \
+               [keep[j * B:(j + 1) * B] for j in range(len(batches))], stats
+
+    def train_epoch(self, epoch: int, batches: list[EpochBatch], advs, keeps, kept_per_batch) -> dict:
+        """The clipped policy-gradient update over the selected timesteps (plus beta x KL)."""
+        from grpo_lib.grpo import grpo_loss, select_timesteps
+        from grpo_lib.rollout import recompute_log_prob
+        from grpo_lib.sde import step_kl
+
+        p = self.p
+        per_update = len(batches) // p.updates_per_epoch
+        logs: list[dict] = []
+        grad_norms, skipped = [], 0
+        self.opt.zero_grad(set_to_none=True)
+        for j, (b, adv, keep) in enumerate(self._bar(list(zip(batches, advs, keeps)), desc=f"epoch {epoch} training")):
+            traj = b.traj
+            T_stored = traj.log_probs.shape[1]
+            # per-sample timestep columns (B, T_train); window runs store only window steps -> "all"
+            strategy = "all" if traj.window is not None else p.timestep_strategy
+            cols = torch.cat([select_timesteps(strategy, T_stored, 1, generator=g)
+                              for g in self._generators(epoch, b.global_index, "timesteps")])   # (B, T)
+            k_local = int(keep.sum())
+            k_global = float(kept_per_batch[j])
+            if k_local > 0:
+                sel = keep.nonzero().squeeze(1)
+                sub = traj[sel]
+                A = adv[sel].to(self.acc.device)
+                # mean over the global batch's kept samples: sum_local / (K_global / P)
+                scale = k_local * self.acc.num_processes / k_global / cols.shape[1] / per_update
+                for c in range(cols.shape[1]):
+                    col = cols[sel, c].to(self.acc.device)
+                    with self.acc.autocast():
+                        new = recompute_log_prob(self.policy, sub, col)
+                    old_lp = sub.log_probs[torch.arange(len(sel)), col]
+                    kl = None
+                    if p.beta > 0:
+                        with torch.no_grad(), self.policy.reference(), self.acc.autocast():
+                            ref = recompute_log_prob(self.policy, sub, col)
+                        kl = step_kl(new.mean, ref.mean, new.std, new.dt, convention=p.kl_convention)
+                    extra = {}
+                    if p.ratio_norm:
+                        extra = dict(mean=new.mean, old_mean=sub.means[torch.arange(len(sel)), col],
+                                     step_std=new.std, dt=new.dt)
+                    loss, stats = grpo_loss(new.log_prob, old_lp, A, clip_range=p.clip_range,
+                                            beta=p.beta, kl=kl, ratio_norm=p.ratio_norm, **extra)
+                    if not torch.isfinite(loss):
+                        skipped += 1
+                        self._log_event(f"epoch {epoch} batch {j} step col {c}: non-finite loss, skipped")
+                        continue
+                    self.acc.backward(loss * scale)
+                    logs.append((k_local, {k: float(v) for k, v in stats.items()}))
+            if (j + 1) % per_update == 0:   # an optimizer update: average grads over processes, clip, step
+                _flat_allreduce_mean(self.params_list, self.acc)
+                grads_ok = all(q.grad is None or torch.isfinite(q.grad).all() for q in self.params_list)
+                if grads_ok:
+                    gn = torch.nn.utils.clip_grad_norm_(self.params_list, p.max_grad_norm)
+                    grad_norms.append(float(gn))
+                    self.opt.step()
+                    if self.ema:
+                        self.ema.step()
+                else:
+                    skipped += 1
+                    self._log_event(f"epoch {epoch} update {j // per_update}: non-finite gradient, step skipped")
+                self.opt.zero_grad(set_to_none=True)
+        out = self._weighted_mean_over_processes(logs)
+        out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
+        out["skipped_steps"] = skipped
+        return out
+
+    def _weighted_mean_over_processes(self, logs: list[tuple[int, dict]]) -> dict:
+        """Per-step stats averaged over every process's kept samples (so 2 processes log exactly what
+        1 process with the same global batch logs)."""
+        from grpo_lib.grpo import grpo_loss  # noqa: F401  (keys come from grpo_loss's stats)
+        keys = sorted({k for _, st in logs for k in st}) or []
+        keys = self.acc.gather_object(keys) if self.acc.num_processes > 1 else keys
+        keys = sorted(set(keys))
+        sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
+        for w, st in logs:
+            for i, k in enumerate(keys):
+                sums[i] += w * st.get(k, 0.0)
+            sums[-1] += w
+        if self.acc.num_processes > 1:
+            sums = self.acc.reduce(sums.to(self.acc.device), reduction="sum").cpu()
+        total = float(sums[-1])
+        return {k: float(sums[i] / total) if total > 0 else float("nan") for i, k in enumerate(keys)}
+
+    # -- evaluation and the quality guard -----------------------------------------------------
+
+    GUARD_KEYS = ("confidence", "shape_score", "background_fidelity", "area_ok")
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict:
+        """ODE evaluation on the held-out prompts (fixed seeds, EMA weights if any) + quality guard.
+
+        The guard compares the mean detector confidence and shape / background / area measures of
+        the images with those at the run's start; a relative drop above ``guard_max_drop`` fails it,
+        so a reward bought with degenerate images shows (and that checkpoint is never the best).
+        """
+        from grpo_lib.rollout import sample_images
+
+        if not self.eval_rows:
+            return {}
+        p = self.p
+        rows = self.eval_rows[self.acc.process_index::self.acc.num_processes]
+        ctx = self.ema.swapped_in(self.params_list) if self.ema else _nullcontext()
+        rewards, infos = [], []
+        with ctx:
+            for k in range(0, len(rows), p.batch_size):
+                chunk = rows[k:k + p.batch_size]
+                gens = [torch.Generator().manual_seed(sample_seed(p.seed, -1, hash_row(r, i), "eval"))
+                        for i, r in enumerate(chunk, start=k)]
+                _, images = sample_images(self.policy, [r["prompt"] for r in chunk], num_steps=p.eval_num_steps,
+                                          shift=p.shift, guidance_scale=p.eval_guidance_scale, generator=gens)
+                r, info = self.reward_fn(images, [r["prompt"] for r in chunk], chunk)
+                rewards.append(np.asarray(r, np.float32))
+                infos.append(info)
+        out = {"eval_reward": self._gather_mean(np.concatenate(rewards))}
+        for key in infos[0]:
+            vals = np.concatenate([np.asarray(inf[key]) for inf in infos])
+            if vals.dtype.kind in "fiub" and vals.ndim == 1:
+                out[f"eval_{key}"] = self._gather_mean(vals.astype(np.float32))
+        guard = {k: out[f"eval_{k}"] for k in self.GUARD_KEYS if f"eval_{k}" in out}
+        if self.guard_reference is None:
+            self.guard_reference = guard
+        drops = {k: (self.guard_reference[k] - v) / max(abs(self.guard_reference[k]), 1e-8)
+                 for k, v in guard.items() if k in self.guard_reference}
+        out["guard_max_drop"] = max(drops.values()) if drops else 0.0
+        out["guard_pass"] = float(out["guard_max_drop"] <= p.guard_max_drop)
+        return out
+
+    def _gather_mean(self, values: np.ndarray) -> float:
+        t = torch.as_tensor(values, dtype=torch.float32, device=self.acc.device)
+        return float(self.acc.gather_for_metrics(t).mean()) if self.acc.num_processes > 1 else float(t.mean())
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> list[dict]:
+        """Run epochs until ``num_epochs`` or the time budget; returns the metrics history."""
+        p = self.p
+        self.maybe_resume()
+        t_start = time.perf_counter()
+        if self.epoch == 0 and self.eval_rows:   # the starting point: guard reference + baseline row
+            self._record({"epoch": 0, **self.evaluate(0)})
+        while self.epoch < p.num_epochs:
+            epoch = self.epoch
+            t0 = time.perf_counter()
+            self.policy_train_mode(True)
+            batches = self.sample_epoch(epoch)
+            t_sample = time.perf_counter() - t0
+            advs, keeps, stats = self.advantages(batches)
+            kept = stats.pop("kept_per_batch")
+            train_stats = self.train_epoch(epoch, batches, advs, keeps, kept)
+            self.epoch = epoch + 1
+            row = {"epoch": self.epoch, **stats, **train_stats, "seconds_sampling": t_sample,
+                   "seconds_epoch": time.perf_counter() - t0}
+            if self.epoch % p.eval_every == 0 or self.epoch == p.num_epochs:
+                self.policy_train_mode(False)
+                row.update(self.evaluate(self.epoch))
+                if row.get("guard_pass", 1.0) and (self.best is None or row["eval_reward"] > self.best["eval_reward"]):
+                    self.best = {"epoch": self.epoch, "eval_reward": row["eval_reward"]}
+            self._record(row)
+            if self.epoch % p.save_every == 0 or self.epoch == p.num_epochs:
+                path = self.save_checkpoint()
+                if self.best and self.best["epoch"] == self.epoch and path is not None and self.acc.is_main_process:
+                    atomic_write_text(self.ckpt_dir / "best", path.name)
+            if p.time_budget_minutes and (time.perf_counter() - t_start) / 60 > p.time_budget_minutes:
+                self._log_event(f"time budget of {p.time_budget_minutes} min reached after epoch {self.epoch}")
+                self.save_checkpoint()
+                break
+        self.acc.wait_for_everyone()
+        return self.history
+
+    def policy_train_mode(self, on: bool) -> None:
+        # dropout-free networks: train/eval only matters for policies that define it
+        for m in (getattr(self.policy, "unet", None), getattr(self.policy, "transformer", None)):
+            if m is not None:
+                m.train(False)
+
+    # -- logging ------------------------------------------------------------------------------
+
+    def _record(self, row: dict) -> None:
+        self.history.append(row)
+        if not self.acc.is_main_process:
+            return
+        import pandas as pd
+        pd.DataFrame(self.history).to_csv(self.run_dir / "metrics.csv", index=False)
+        try:
+            if self._tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self._tb.add_scalar(k, v, row["epoch"])
+            self._tb.flush()
+        except ImportError:   # tensorboard is optional on GPU nodes; the CSV is the record
+            pass
+        if self.p.progress:
+            keys = [k for k in ("reward_mean", "strict_accuracy", "zero_std_ratio", "approx_kl", "clipfrac",
+                                "kl", "eval_reward", "guard_pass", "seconds_epoch") if k in row]
+            print(f"[grpo] epoch {row['epoch']}: " + ", ".join(f"{k}={row[k]:.4g}" for k in keys), flush=True)
+
+    def _log_event(self, msg: str) -> None:
+        if self.acc.is_main_process:
+            with open(self.run_dir / "events.log", "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+            print(f"[grpo] {msg}", flush=True)
+
+    def _bar(self, it, desc: str):
+        if not (self.p.progress and self.acc.is_main_process):
+            return it
+        from tqdm.auto import tqdm
+        return tqdm(it, desc=desc, leave=False)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._tb is not None:
+            self._tb.close()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def hash_row(row: dict, i: int) -> int:
+    """Index of an eval image's seed: the prompt text and its position (stable across runs)."""
+    return int.from_bytes(hashlib.blake2b(f"{i}/{row['prompt']}".encode(), digest_size=6).digest(), "little")
+
+
+def _times(num_steps: int, shift: float, convention: str) -> torch.Tensor:
+    from grpo_lib.sde import convention_times
+    return convention_times(num_steps, shift, convention)
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy construction from params
+# ---------------------------------------------------------------------------------------------
+
+
+def load_policy_for(p: GRPOParams, device) -> Any:
+    """The policy a params file asks for: base checkpoint, cold-start LoRA merged in, fresh LoRA on top."""
+    lora = {"r": p.lora_rank, "lora_alpha": p.lora_alpha}
+    if p.world == "embedded":
+        from grpo_lib.policies.tiny import TinyPolicy
+        policy = TinyPolicy.from_pretrained(p.model, device=device, convention=p.convention)
+        if p.cold_start_lora:
+            _check_dir(p.cold_start_lora, "cold_start_lora")
+            policy.load_lora(p.cold_start_lora)
+            policy.merge_lora()
+        if p.trainable == "lora":
+            policy.add_lora(lora)
+        else:
+            policy.set_trainable(p.trainable)
+        return policy
+    if p.world == "sd3":
+        from grpo_lib.policies.sd3 import SD3Policy
+        dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[p.mixed_precision]
+        kwargs = {"merge_lora_path": p.cold_start_lora} if p.cold_start_lora else {}
+        return SD3Policy.from_pretrained(p.model, device=device, dtype=dtype, lora=lora, **kwargs)
+    from grpo_lib.policies.showo2 import ShowO2Policy
+    return ShowO2Policy.from_params(p, device=device)
+
+
+def _check_dir(path: str, name: str) -> None:
+    if not Path(path).is_dir():
+        raise ValueError(f"{name}={path!r} is not a directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python -m grpo_lib.train params/x.yaml  |  accelerate launch -m grpo_lib.train ...
+# ---------------------------------------------------------------------------------------------
+
+
+def run(params: GRPOParams, **kwargs) -> list[dict]:
+    trainer = GRPOTrainer(params, **kwargs)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from grpo_lib.params import load_params
+
+    ap = argparse.ArgumentParser(description="Flow-GRPO training from a params YAML")
+    ap.add_argument("params", help="params/02_counting_grpo__<experiment>.yaml")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
+                    help="override fields, e.g. --set num_epochs=2 run_dir=runs/x")
+    args = ap.parse_args(argv)
+    import yaml
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k] = yaml.safe_load(v)
+    params = load_params(args.params, GRPOParams, **overrides)
+    trainer = GRPOTrainer(params)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    # free what holds process-group resources before the group is destroyed (stack_notes §3:
+    # otherwise ~1 run in 15 aborts at exit with "terminate called without an active exception")
+    acc = trainer.acc
+    acc.wait_for_everyone()
+    del trainer
+    gc.collect()
+    acc.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

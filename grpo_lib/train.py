@@ -404,10 +404,11 @@ class GRPOTrainer:
     def _weighted_mean_over_processes(self, logs: list[tuple[int, dict]]) -> dict:
         """Per-step stats averaged over every process's kept samples (so 2 processes log exactly what
         1 process with the same global batch logs)."""
-        from grpo_lib.grpo import grpo_loss  # noqa: F401  (keys come from grpo_loss's stats)
-        keys = sorted({k for _, st in logs for k in st}) or []
-        keys = self.acc.gather_object(keys) if self.acc.num_processes > 1 else keys
-        keys = sorted(set(keys))
+        from accelerate.utils import gather_object
+
+        keys = sorted({k for _, st in logs for k in st})
+        if self.acc.num_processes > 1:   # a process whose samples were all dropped logged nothing
+            keys = sorted(set(gather_object(keys)))
         sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
         for w, st in logs:
             for i, k in enumerate(keys):
@@ -490,7 +491,8 @@ class GRPOTrainer:
             if self.epoch % p.eval_every == 0 or self.epoch == p.num_epochs:
                 self.policy_train_mode(False)
                 row.update(self.evaluate(self.epoch))
-                if row.get("guard_pass", 1.0) and (self.best is None or row["eval_reward"] > self.best["eval_reward"]):
+                if "eval_reward" in row and row["guard_pass"] and \
+                        (self.best is None or row["eval_reward"] > self.best["eval_reward"]):
                     self.best = {"epoch": self.epoch, "eval_reward": row["eval_reward"]}
             self._record(row)
             if self.epoch % p.save_every == 0 or self.epoch == p.num_epochs:

@@ -1,0 +1,133 @@
+"""The GRPO trainer: it learns, resumes exactly, never checkpoints non-finite weights, and 2 processes
+give the losses of 1 process with the same global batch."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import brightness_reward, small_params, tiny_policy  # noqa: E402
+
+from grpo_lib.train import GRPOParams, GRPOTrainer, run  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _params_of(policy):
+    return torch.cat([p.detach().reshape(-1) for p in policy.trainable_parameters()])
+
+
+def test_fit_writes_metrics_checkpoints_and_moves_reward(tmp_path):
+    policy = tiny_policy()
+    p = small_params(tmp_path / "run", num_epochs=3, lr=3e-2, clip_range=1e-2, beta=0.0)
+    hist = run(p, policy=policy, reward_fn=brightness_reward)
+    df = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(df["epoch"]) == [0, 1, 2, 3]
+    for col in ("reward_mean", "zero_std_ratio", "approx_kl", "clipfrac", "kl", "loss", "grad_norm",
+                "seconds_epoch", "eval_reward", "guard_pass"):
+        assert col in df.columns, col
+    ck = tmp_path / "run" / "checkpoints"
+    assert (ck / "latest").read_text() == "epoch_0003"
+    assert (ck / "epoch_0003" / "lora" / "lora.safetensors").is_file()
+    assert not list(ck.glob("*.tmp*"))                      # no half-written checkpoint left
+    # the first epoch's ratio is exactly 1 (on-policy, same weights): log-probs are reproducible
+    assert df.loc[1, "ratio_min"] == pytest.approx(1.0, abs=1e-6)
+    assert df.loc[1, "ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    # brightness is a smooth reward: GRPO must raise it on the training rollouts
+    assert hist[-1]["reward_mean"] > hist[1]["reward_mean"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full = tiny_policy()
+    run(small_params(tmp_path / "full", num_epochs=2), policy=full, reward_fn=brightness_reward)
+    part = tiny_policy()
+    run(small_params(tmp_path / "part", num_epochs=1), policy=part, reward_fn=brightness_reward)
+    resumed = tiny_policy()   # a fresh process would rebuild the policy from scratch
+    run(small_params(tmp_path / "part", num_epochs=2, resume=True), policy=resumed, reward_fn=brightness_reward)
+    assert torch.equal(_params_of(full), _params_of(resumed))
+    a = pd.read_csv(tmp_path / "full" / "metrics.csv").drop(columns=["seconds_epoch", "seconds_sampling"])
+    b = pd.read_csv(tmp_path / "part" / "metrics.csv").drop(columns=["seconds_epoch", "seconds_sampling"])
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_non_finite_loss_is_skipped_and_never_checkpointed(tmp_path):
+    policy = tiny_policy()
+
+    trainer = GRPOTrainer(small_params(tmp_path / "run", num_epochs=1), policy=policy, reward_fn=brightness_reward)
+    batches = trainer.sample_epoch(0)
+    advs, keeps, stats = trainer.advantages(batches)
+    with torch.no_grad():   # poison the weights after sampling: every recomputed loss becomes NaN
+        policy.trainable_parameters()[0].fill_(float("nan"))
+    out = trainer.train_epoch(0, batches, advs, keeps, stats["kept_per_batch"])
+    assert out["skipped_steps"] > 0
+    assert trainer.save_checkpoint() is None
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+    assert "non-finite" in (tmp_path / "run" / "events.log").read_text()
+    trainer.close()
+
+
+def test_bad_params_are_named():
+    with pytest.raises(ValueError, match="world='flux'"):
+        GRPOParams(world="flux")
+    with pytest.raises(ValueError, match="batches_per_epoch=3 is not a multiple of updates_per_epoch=2"):
+        GRPOParams(batches_per_epoch=3, updates_per_epoch=2)
+    with pytest.raises(ValueError, match="noise_level=0"):
+        GRPOParams(noise_level=0.0)
+
+
+DDP_SCRIPT = r'''
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from accelerate import Accelerator
+from train_fixtures import brightness_reward, small_params, tiny_policy
+from grpo_lib.train import GRPOTrainer
+acc = Accelerator(cpu=True)
+bs = 8 // acc.num_processes            # same global batch whatever the process count
+t = GRPOTrainer(small_params({run!r}, batch_size=bs, eval_prompts=""),
+                policy=tiny_policy(), reward_fn=brightness_reward, accelerator=acc)
+hist = t.fit(); t.close()
+flat = torch.cat([p.detach().reshape(-1) for p in t.params_list])
+if acc.is_main_process:
+    json.dump({{"loss": [h.get("loss") for h in hist], "approx_kl": [h.get("approx_kl") for h in hist],
+               "params": flat[:64].tolist()}}, open({out!r}, "w"))
+import gc
+acc.wait_for_everyone(); del t; gc.collect(); acc.end_training()
+'''
+
+
+def _launch(tmp_path, nproc, name):
+    script = tmp_path / f"{name}.py"
+    out = tmp_path / f"{name}.json"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), run=str(tmp_path / name), out=str(out)))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    if nproc == 1:
+        cmd = [sys.executable, str(script)]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(29500 + os.getpid() % 1000), str(script)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    one = _launch(tmp_path, 1, "one")
+    two = _launch(tmp_path, 2, "two")
+    np.testing.assert_allclose(two["loss"], one["loss"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(two["approx_kl"], one["approx_kl"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(two["params"], one["params"], atol=1e-5, rtol=0)

@@ -1,0 +1,31 @@
+"""A small, fast GRPO setup for trainer tests: a random tiny policy with a LoRA and an analytic reward."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def brightness_reward(images, prompts, rows):
+    """r = mean pixel value in [0, 1]: smooth, cheap, and any policy can move it."""
+    r = images.astype(np.float32).mean(axis=(1, 2, 3)) / 255.0
+    return r, {"brightness": r, "strict": (r > 0.5).astype(np.float32)}
+
+
+def tiny_policy(seed: int = 0, rank: int = 4):
+    from grpo_lib.policies.tiny import TinyConfig, TinyPolicy
+
+    cfg = TinyConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, text_dim=32, text_layers=1)
+    policy = TinyPolicy(cfg, seed=seed)
+    torch.manual_seed(seed)
+    policy.add_lora({"r": rank, "lora_alpha": rank})
+    return policy
+
+
+def small_params(run_dir, **overrides):
+    from grpo_lib.train import GRPOParams
+
+    kw = dict(run_dir=str(run_dir), num_epochs=2, group_size=4, batch_size=8, batches_per_epoch=2,
+              updates_per_epoch=1, num_steps=4, eval_num_steps=4, eval_max_prompts=8, eval_every=1,
+              save_every=1, lr=1e-2, beta=0.01, clip_range=1e-3, progress=False)
+    kw.update(overrides)
+    return GRPOParams(**kw)

@@ -13,8 +13,9 @@ notation); ``noise_at_zero`` inputs are mapped onto it by :func:`_to_noise_at_on
 v_sd3 = -v). The sample x itself is the same object in both conventions, so means, samples, stds and
 log-probs need no mapping back.
 
-Read top to bottom: schedule -> conventions -> the step -> the step KL. Numbered step comments in
-:func:`sde_step_with_logprob` match the headings of ``notebooks/00_derivation_checks.ipynb``.
+Read top to bottom: schedule -> conventions -> the step -> the step KL. The numbered step comments in
+:func:`sde_step_with_logprob` (1 score identity, 2 drift and Euler form, 3 sampling / marginals,
+4 log-prob and conventions) match the section headings of ``notebooks/00_derivation_checks.ipynb``.
 """
 from __future__ import annotations
 
@@ -223,6 +224,7 @@ def sde_step_with_logprob(
 
     All math is float32 whatever the input dtype ("bf16 can overflow", flow_grpo_notes §1.2, issues #177/#204).
     """
+    # Step numbers 1-4 are the sections of notebooks/00_derivation_checks.ipynb that check them.
     # 0. validate inputs; every bad value is named (no silent fixes)
     if sde_type not in SDE_TYPES:
         raise ValueError(f"sde_type={sde_type!r} is not one of {SDE_TYPES}")
@@ -252,17 +254,20 @@ def sde_step_with_logprob(
         raise ValueError(f"sigma_max={sigma_max!r} must be a float in (0, 1)")
 
     batch, ndim, device = sample.shape[0], sample.dim(), sample.device
-    # 1. float32 everything; times as (B, 1, ..., 1) so per-sample times broadcast over (B, C, H, W)
+    # 0. float32 everything; times as (B, 1, ..., 1) so per-sample times broadcast over (B, C, H, W)
     x = sample.to(torch.float32)                                   # (B, C, H, W)
     v = model_output.to(torch.float32)                             # (B, C, H, W)
     t_ = _as_time(t, "t", batch, ndim).to(device)                  # (B, 1, 1, 1)
     tn_ = _as_time(t_next, "t_next", batch, ndim).to(device)       # (B, 1, 1, 1)
 
-    # 2. map to the noise_at_one form: sigma = noise level of x_t, v = dx/dsigma
+    # 0. map to the noise_at_one form: sigma = noise level of x_t, v = dx/dsigma (the mirror t -> 1-t,
+    #    v -> -v; notebook §4 checks that both conventions give the same chain)
     sigma, sigma_next, v = _to_noise_at_one(t_, tn_, v, convention)
     dt = sigma_next - sigma                                        # (B, 1, 1, 1), < 0
 
-    # 3. drift (mean) and per-step std
+    # 1. score identity (notebook §1): grad log p_sigma(x) = -(x + (1 - sigma) v) / sigma, which turns the
+    #    marginal-preserving SDE's score term into the x- and v-terms of the drift below
+    # 2. SDE drift and its Euler form (notebook §2): mean mu and per-step std
     if sde_type == "sde":
         # sigma_t = a sqrt(sigma / (1 - sigma)) diverges at sigma == 1 (pure noise): the schedule's
         # next-to-first value stands in in the denominator (upstream: sigmas[1]); at the first step
@@ -287,7 +292,7 @@ def sde_step_with_logprob(
     # (for a = 0 and 'sde': coef_x == 1 and coef_v == dt exactly, so mu == x + dt v bit for bit)
     mean = x * coef_x + v * coef_v                                             # (B, C, H, W)
 
-    # 4. sample x' = mu + std * eps (or take the given transition)
+    # 3. sample x' = mu + std * eps, or take the given transition (notebook §3: the marginals match)
     if prev_sample is None:
         if noise_level == 0:
             prev = mean
@@ -297,7 +302,7 @@ def sde_step_with_logprob(
     else:
         prev = prev_sample.to(torch.float32)
 
-    # 5. log N(x'; mu, std^2), averaged over the non-batch dims (upstream: mean, not sum):
+    # 4. log-prob (notebook §4): log N(x'; mu, std^2), averaged over the non-batch dims (upstream: mean):
     #    mean_chw[-(x'-mu)^2/(2 s^2) - log s - log sqrt(2 pi)] = -mean_chw[(x'-mu)^2]/(2 s^2) - log s - ...
     #    (s is per sample, so only the squared residual is reduced over (C, H, W))
     if noise_level == 0:

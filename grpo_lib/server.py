@@ -75,37 +75,56 @@ class Detection(NamedTuple):
     score: float
 
 
+Query = tuple[str, "int | None"]     # (class name, count the prompt asks for, or None)
+
+
 @runtime_checkable
 class Detector(Protocol):
-    """``detect(images uint8 (B, H, W, 3), classes per image) -> per image list of Detection``.
+    """``detect(images uint8 (B, H, W, 3), queries per image) -> per image list of Detection``.
 
-    ``classes[b]`` are the class names image ``b`` is asked about; a detector may return objects of
-    other classes too (the judge ignores them). ``vocabulary`` is the set of class names it can
-    detect, or None for an open-vocabulary detector; the server answers 400 for a class outside it.
+    ``queries[b]`` lists (class, requested count or None) image ``b`` is asked about. The count is a
+    prior some detectors use (the shapes counter's completeness rule depends on the size range the
+    renderer draws at that count); open-vocabulary detectors ignore it. A detector may return
+    objects of other classes too (the judge ignores them). ``check(cls, count)`` raises ValueError
+    for a query the detector cannot answer; the server turns that into a 400 before detecting.
     """
     name: str
-    vocabulary: frozenset[str] | None
 
-    def detect(self, images: np.ndarray, classes: Sequence[Sequence[str]]) -> list[list[Detection]]: ...
+    def check(self, cls: str, count: int | None) -> None: ...
+
+    def detect(self, images: np.ndarray, queries: Sequence[Sequence[Query]]) -> list[list[Detection]]: ...
 
 
 class ShapesDetector:
-    """The embedded world's counter (``grpo_lib.rewards.detector.ShapeCounter``) as a ``Detector``."""
+    """The embedded world's counter (``grpo_lib.rewards.detector.ShapeCounter``) as a ``Detector``.
+
+    ``ShapeCounter.detect(images, classes, counts)`` answers one class per image, so the queries
+    are flattened to (image, class, count) triples, one counter call for all of them (an image
+    asked about two classes appears twice). A query without a count (an exclude-only class) is
+    passed as count 0, which the counter treats as "any count" (same as ``counts=None``).
+    """
 
     name = "shapes"
 
     def __init__(self) -> None:
         from grpo_lib.rewards.detector import ShapeCounter
-        from grpo_lib.scenes import all_classes
         self.counter = ShapeCounter()
-        self.vocabulary = frozenset(all_classes())
 
-    def detect(self, images: np.ndarray, classes: Sequence[Sequence[str]]) -> list[list[Detection]]:
-        return _shape_counter_detections(self.counter, images, classes)
+    def check(self, cls: str, count: int | None) -> None:
+        from grpo_lib.scenes import MAX_COUNT, parse_class
+        parse_class(cls)                               # ValueError naming the class and the world's
+        if count is not None and not 0 <= count <= MAX_COUNT:
+            raise ValueError(f"count={count} for {cls!r} is outside the embedded world's range 0..{MAX_COUNT}")
 
-
-def _shape_counter_detections(counter, images, classes) -> list[list[Detection]]:
-    raise NotImplementedError("filled in once ShapeCounter's interface lands")
+    def detect(self, images: np.ndarray, queries: Sequence[Sequence[Query]]) -> list[list[Detection]]:
+        idx = [b for b, qs in enumerate(queries) for _ in qs]                        # image of each query
+        flat = [q for qs in queries for q in qs]
+        found = self.counter.detect(images[idx], [c for c, _ in flat], [n or 0 for _, n in flat])
+        out: list[list[Detection]] = [[] for _ in queries]
+        for b, d in zip(idx, found):
+            out[b] += [Detection(d.cls, tuple(float(v) for v in box), float(sc))
+                       for box, sc in zip(d.boxes, d.scores)]
+        return out
 
 
 class Owlv2Detector:
@@ -118,7 +137,6 @@ class Owlv2Detector:
     """
 
     name = "owlv2"
-    vocabulary = None
 
     def __init__(self, path: str | os.PathLike, *, device: str = "cpu", min_score: float = 0.1,
                  query_template: str = "a photo of a {}") -> None:
@@ -136,8 +154,12 @@ class Owlv2Detector:
         self.query_template = query_template
         self._lock = threading.Lock()   # one forward at a time per worker process (CPU threads are shared)
 
-    def detect(self, images: np.ndarray, classes: Sequence[Sequence[str]]) -> list[list[Detection]]:
+    def check(self, cls: str, count: int | None) -> None:
+        pass                                         # open vocabulary: any class name is a query
+
+    def detect(self, images: np.ndarray, queries: Sequence[Sequence[Query]]) -> list[list[Detection]]:
         torch = self.torch
+        classes = [[c for c, _ in qs] for qs in queries]
         texts = [[self.query_template.format(c) for c in cls] for cls in classes]
         # padding="max_length": the processor concatenates per-image token tensors, so they must agree
         inputs = self.processor(text=texts, images=list(images), return_tensors="pt",
@@ -207,10 +229,18 @@ def geneval_judge(detections: Sequence[Detection], row: dict, *, only_strict: bo
 
 
 def _row_classes(row: dict) -> list[str]:
-    seen: dict[str, None] = {}
-    for req in list(row["include"]) + list(row.get("exclude", [])):
-        seen[req["class"]] = None
-    return list(seen)
+    return [c for c, _ in row_queries(row)]
+
+
+def row_queries(row: dict) -> list[Query]:
+    """(class, requested count) for every class of a row, in order: the include clause's count, or
+    None for a class that only appears in exclude clauses."""
+    q: dict[str, int | None] = {}
+    for req in row["include"]:
+        q.setdefault(req["class"], req["count"])
+    for req in row.get("exclude", []):
+        q.setdefault(req["class"], None)
+    return list(q.items())
 
 
 # --- request handling (no HTTP here, so it is unit-testable) ---------------------------------------
@@ -300,7 +330,7 @@ def decode_image(i: int, s: Any, max_pixels: int) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def parse_request(body: bytes, cfg: ServerConfig, vocabulary: frozenset[str] | None
+def parse_request(body: bytes, cfg: ServerConfig, detector: Detector | None = None
                   ) -> tuple[np.ndarray, list[dict], bool]:
     """JSON body -> (images uint8 (B, H, W, 3), rows, only_strict); RequestError on any problem."""
     try:
@@ -326,12 +356,14 @@ def parse_request(body: bytes, cfg: ServerConfig, vocabulary: frozenset[str] | N
     if len(images) > cfg.max_batch:
         raise RequestError(413, f"batch of {len(images)} images is above the limit max_batch={cfg.max_batch}")
     rows = [validate_row(i, r) for i, r in enumerate(rows)]
-    if vocabulary is not None:
+    if detector is not None:
         for i, r in enumerate(rows):
-            unknown = [c for c in _row_classes(r) if c not in vocabulary]
-            if unknown:
-                raise RequestError(400, f"meta_datas[{i}]: classes {unknown} are not known to this detector "
-                                        f"(it knows {sorted(vocabulary)})")
+            for cls, count in row_queries(r):
+                try:
+                    detector.check(cls, count)
+                except ValueError as e:
+                    raise RequestError(400, f"meta_datas[{i}]: detector {detector.name} cannot answer "
+                                            f"({cls!r}, {count}): {e}") from None
     arrays = [decode_image(i, s, cfg.max_image_pixels) for i, s in enumerate(images)]
     sizes = {a.shape for a in arrays}
     if len(sizes) > 1:
@@ -342,7 +374,7 @@ def parse_request(body: bytes, cfg: ServerConfig, vocabulary: frozenset[str] | N
 def score_batch(detector: Detector, images: np.ndarray, rows: list[dict], only_strict: bool,
                 cfg: ServerConfig) -> dict:
     """Detector + judge on a parsed batch -> the JSON answer (GenEval's five fields + counts)."""
-    dets = detector.detect(images, [_row_classes(r) for r in rows])
+    dets = detector.detect(images, [row_queries(r) for r in rows])
     if len(dets) != len(rows):
         raise RuntimeError(f"detector {detector.name} returned {len(dets)} results for {len(rows)} images")
     judged = [geneval_judge(d, r, only_strict=only_strict, counting_threshold=cfg.counting_threshold,
@@ -436,7 +468,7 @@ def create_app(cfg: ServerConfig | None = None):
         if det is None:
             raise RequestError(503, f"detector {cfg.detector} is {state.status}"
                                     + (f": {state.error}" if state.error else "; retry shortly"))
-        images, rows, only_strict = parse_request(body, cfg, det.vocabulary)
+        images, rows, only_strict = parse_request(body, cfg, det)
         with state.lock:
             return score_batch(det, images, rows, only_strict, cfg)
 

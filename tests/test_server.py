@@ -203,24 +203,26 @@ def _bad_requests():
         ("colour clause", _body([good], [{**row, "include": [{"class": "red circle", "count": 2,
                                                               "color": "red"}]}]), 400, "not supported"),
         ("unknown class", _body([good], [counting_row("red circle", 2) | {
-            "include": [{"class": "pink cat", "count": 2}]}]), 400, "pink cat"),
+            "include": [{"class": "pink cat", "count": 2}]}]), 400, "cannot answer ('pink cat', 2)"),
+        ("count above world", _body([good], [counting_row("red circle", 2) | {
+            "include": [{"class": "red circle", "count": 21}]}]), 400, "outside the embedded world"),
         ("only_strict str", _body([good], [row], only_strict="yes"), 400, "only_strict"),
         ("sizes differ", _body([good, encode_png(np.full((48, 48, 3), 160, np.uint8))], [row, row]), 400,
          "different sizes"),
-        ("batch too large", _body([good] * 9, [row] * 9), 413, "max_batch=8"),
+        ("batch too large", _body([good] * 17, [row] * 17), 413, "max_batch=16"),
         ("image too large", _body([encode_png(np.full((64, 64, 3), 160, np.uint8))], [row]), 413,
          "max_image_pixels=3000"),
     ]
 
 
-SMALL_LIMITS = dict(max_batch=8, max_image_pixels=3000, max_request_bytes=60_000)
+SMALL_LIMITS = dict(max_batch=16, max_image_pixels=3000, max_request_bytes=60_000)
 
 
 @pytest.mark.parametrize("name,body,status,needle", _bad_requests(), ids=[b[0] for b in _bad_requests()])
 def test_parse_request_rejects_malformed_input(name, body, status, needle):
-    from grpo_lib.scenes import all_classes
+    from grpo_lib.server import ShapesDetector
     with pytest.raises(RequestError) as e:
-        parse_request(body, ServerConfig(**SMALL_LIMITS), frozenset(all_classes()))
+        parse_request(body, ServerConfig(**SMALL_LIMITS), ShapesDetector())
     assert e.value.status == status and needle in e.value.message, e.value.message
 
 
@@ -252,7 +254,7 @@ def stub_server(responses):
             pass
 
     srv = http.server.ThreadingHTTPServer((HOST, 0), Handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     t.start()
     try:
         yield f"http://{HOST}:{srv.server_address[1]}", calls
@@ -380,7 +382,7 @@ def test_owlv2_detector_matches_transformers_post_processing(tiny_owlv2):
     images, rows, *_ = scene_batch(4, seed=3)
     det = Owlv2Detector(tiny_owlv2, min_score=0.5)
     classes = [[r["include"][0]["class"]] for r in rows]
-    got = det.detect(images, classes)
+    got = det.detect(images, [[(c[0], r["include"][0]["count"])] for c, r in zip(classes, rows)])
     # reference: transformers' own post-processing (one query per image, so its max over queries is ours)
     model = Owlv2ForObjectDetection.from_pretrained(tiny_owlv2, local_files_only=True).eval()
     proc = Owlv2Processor.from_pretrained(tiny_owlv2, local_files_only=True)
@@ -402,7 +404,8 @@ def test_owlv2_backend_served_end_to_end(tiny_owlv2):
     from grpo_lib.server import Owlv2Detector, create_app
     images, rows, *_ = scene_batch(6, seed=4)
     rows[1] = {**rows[1], "include": rows[1]["include"] + [{"class": "blue square", "count": 3}]}  # 2 queries
-    dets = Owlv2Detector(tiny_owlv2).detect(images, [[c["class"] for c in r["include"]] for r in rows])
+    dets = Owlv2Detector(tiny_owlv2).detect(images, [[(c["class"], c["count"]) for c in r["include"]]
+                                                     for r in rows])
     expected = [{c["class"]: sum(d.cls == c["class"] and d.score > 0.9 for d in ds) for c in r["include"]}
                 for ds, r in zip(dets, rows)]
     # the counts vary (the head was tuned so that scores straddle 0.9): not a vacuous comparison
@@ -437,3 +440,139 @@ def test_owlv2_needs_a_local_directory(tmp_path):
         build_detector("owlv2", str(tmp_path))
     with pytest.raises(ValueError, match="detector='mask2former'"):
         build_detector("mask2former")
+
+
+# --- a real server process on loopback ------------------------------------------------------------
+
+LIMIT_ARGS = ("--max-batch", str(SMALL_LIMITS["max_batch"]), "--max-image-pixels", str(SMALL_LIMITS["max_image_pixels"]),
+              "--max-request-bytes", str(SMALL_LIMITS["max_request_bytes"]))
+
+
+@pytest.fixture(scope="module")
+def shapes_server():
+    with running_server("--detector", "shapes", *LIMIT_ARGS, workers=2) as (proc, url):
+        yield url
+
+
+def test_health_reports_detector_and_limits(shapes_server):
+    status, h = http_json(shapes_server + "/health")
+    assert status == 200 and h["status"] == "ready" and h["detector"] == "shapes"
+    assert h["limits"] == SMALL_LIMITS
+    assert h["judge"] == {"counting_threshold": 0.9, "threshold": 0.3, "max_objects": 50}
+
+
+def test_answer_has_geneval_fields(shapes_server):
+    images, rows, truth, strict, partial = scene_batch(6, seed=11)
+    rows[4] = {"tag": "single_object", "include": [{"class": rows[4]["include"][0]["class"], "count": 1}],
+               "prompt": "a photo of a thing"}
+    out = RemoteCountingReward(shapes_server, only_strict=False).score(images, rows)
+    assert out["detector"] == "shapes"
+    assert set(out["group_rewards"]) == set(out["group_strict_rewards"]) == {
+        "single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    assert out["group_strict_rewards"]["counting"] == [strict[i] if i != 4 else -10.0 for i in range(6)]
+    assert out["group_strict_rewards"]["single_object"] == [-10.0] * 4 + [float(truth[4] == 1), -10.0]
+    assert out["group_strict_rewards"]["position"] == [-10.0] * 6
+    # counting rows: exclude is N + 1, so GenEval's `correct` equals strict
+    assert [out["rewards"][i] for i in (0, 1, 2, 3, 5)] == [strict[i] for i in (0, 1, 2, 3, 5)]
+    assert [c[r["include"][0]["class"]] for c, r in zip(out["counts"], rows)] == truth.tolist()
+    asked = np.array([r["include"][0]["count"] for r in rows])
+    np.testing.assert_array_equal(out["scores"], 1 - np.abs(asked - truth) / asked)   # unclipped
+    only = RemoteCountingReward(shapes_server, only_strict=True).score(images, rows)
+    assert only["rewards"] == [0.0] * 6 and only["strict_rewards"] == out["strict_rewards"]
+
+
+def test_eight_concurrent_clients_get_every_answer_right(shapes_server):
+    """8 clients x 50 requests x 16 images of 32x32, all at once: every answer correct, none lost."""
+    n_clients, n_requests, n_distinct = 8, 50, 5
+    batches = [[scene_batch(16, seed=1000 * c + k) for k in range(n_distinct)] for c in range(n_clients)]
+
+    def client(c: int):
+        fn = RemoteCountingReward(shapes_server, reward="strict" if c % 2 else "partial", timeout=30,
+                                  retries=2, backoff=0.2)
+        answers = []
+        for k in range(n_requests):
+            images, rows, truth, strict, partial = batches[c][k % n_distinct]
+            rewards, info = fn(images, [r["prompt"] for r in rows], rows)
+            ok = (np.array_equal(info["count"], truth) and np.array_equal(info["strict"], strict)
+                  and np.array_equal(info["partial"], partial)
+                  and np.array_equal(rewards, strict if c % 2 else partial) and rewards.dtype == np.float32)
+            answers.append((c, k, ok))
+        return answers
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(n_clients) as pool:
+        results = [a for answers in pool.map(client, range(n_clients)) for a in answers]
+    elapsed = time.monotonic() - t0
+    assert len(results) == n_clients * n_requests                       # none lost
+    assert sorted((c, k) for c, k, _ in results) == [(c, k) for c in range(n_clients) for k in range(n_requests)]
+    wrong = [(c, k) for c, k, ok in results if not ok]
+    assert not wrong, f"wrong answers for (client, request) {wrong[:10]}"
+    assert elapsed < 40, elapsed
+
+
+@pytest.mark.parametrize("name,body,status,needle", _bad_requests(), ids=[b[0] for b in _bad_requests()])
+def test_malformed_requests_get_their_4xx_and_the_server_keeps_serving(shapes_server, name, body, status, needle):
+    got, answer = http_json(shapes_server + "/", body)
+    assert got == status and needle in answer["error"], answer
+    images, rows, truth, strict, _ = scene_batch(4, seed=5)
+    rewards, info = RemoteCountingReward(shapes_server, retries=0)(images, ["p"] * 4, rows)   # right after
+    assert np.array_equal(info["count"], truth) and np.array_equal(rewards, strict)
+
+
+def test_oversized_bodies_get_413(shapes_server):
+    images, rows, *_ = scene_batch(1, seed=6)
+    big = _body([encode_png(images[0])], [{**rows[0], "prompt": "x" * 70_000}])
+    got, answer = http_json(shapes_server + "/", big)
+    assert got == 413 and "max_request_bytes=60000" in answer["error"]
+    # chunked transfer (no Content-Length): the limit is enforced while streaming
+    host, port = shapes_server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("POST", "/", body=iter([big[i:i + 8192] for i in range(0, len(big), 8192)]),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    resp = conn.getresponse()
+    assert resp.status == 413 and "exceeds the limit max_request_bytes=60000" in json.loads(resp.read())["error"]
+    conn.close()
+    assert http_json(shapes_server + "/health")[0] == 200
+
+
+def test_client_fails_clearly_when_the_server_is_killed_mid_run():
+    images, rows, truth, strict, _ = scene_batch(16, seed=7)
+    timeout, retries, backoff = 3.0, 3, 0.1
+    budget = (retries + 1) * timeout + backoff * (1 + 2 + 4)        # the client's documented worst case
+    with running_server("--detector", "shapes", workers=1) as (proc, url):
+        fn = RemoteCountingReward(url, timeout=timeout, retries=retries, backoff=backoff)
+        outcome, killed_at = {}, threading.Event()
+
+        def loop():
+            n_ok = 0
+            try:
+                for _ in range(10_000):                        # bounded; the kill ends it much sooner
+                    rewards, info = fn(images, ["p"] * 16, rows)
+                    assert np.array_equal(info["count"], truth) and np.array_equal(rewards, strict)
+                    n_ok += 1
+                    if killed_at.is_set():
+                        outcome["after_kill"] = outcome.get("after_kill", 0) + 1
+                    if n_ok == 5:
+                        outcome["five_ok"] = time.monotonic()
+            except RewardServerError as e:
+                outcome["error"], outcome["t_error"] = e, time.monotonic()
+            outcome["n_ok"] = n_ok
+
+        t = threading.Thread(target=loop)
+        t.start()
+        deadline = time.monotonic() + 20
+        while "five_ok" not in outcome and time.monotonic() < deadline and t.is_alive():
+            time.sleep(0.01)
+        assert "five_ok" in outcome, outcome
+        t_kill = time.monotonic()
+        os.killpg(proc.pid, signal.SIGKILL)                  # supervisor and worker, no goodbye
+        killed_at.set()
+        proc.wait(5)
+        t.join(budget + 5)
+        assert not t.is_alive()
+    err = outcome.get("error")
+    assert isinstance(err, RewardServerError), outcome
+    assert url in str(err) and f"failed after {retries + 1} attempts" in str(err)
+    assert "Connection refused" in str(err) or "Errno 111" in str(err)
+    assert outcome["t_error"] - t_kill < budget
+    assert outcome.get("after_kill", 0) <= 1                 # at most the call already answered before the kill

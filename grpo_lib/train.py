@@ -295,11 +295,12 @@ class GRPOTrainer:
             if p.sde_window_size > 0:   # one window per global batch (all processes agree)
                 g = torch.Generator().manual_seed(sample_seed(p.seed, epoch, i, "window"))
                 window = sde_window(p.sde_window_size, p.num_steps, generator=g)
-            traj = sample_trajectories(
-                self.policy, [r["prompt"] for r in rows], num_steps=p.num_steps, shift=p.shift,
-                guidance_scale=p.guidance_scale, noise_level=p.noise_level, sde_type=p.sde_type,
-                window=window, generator=self._generators(epoch, gidx, "rollout"),
-                store_means=p.ratio_norm)
+            with self.acc.autocast():   # the same precision as the re-scoring, so the first ratio is 1
+                traj = sample_trajectories(
+                    self.policy, [r["prompt"] for r in rows], num_steps=p.num_steps, shift=p.shift,
+                    guidance_scale=p.guidance_scale, noise_level=p.noise_level, sde_type=p.sde_type,
+                    window=window, generator=self._generators(epoch, gidx, "rollout"),
+                    store_means=p.ratio_norm)
             fut = self._pool.submit(self.reward_fn, traj.images, [r["prompt"] for r in rows], rows)
             batches.append(EpochBatch(rows, gids, gidx, traj, fut))
         for b in batches:
@@ -349,10 +350,13 @@ class GRPOTrainer:
         for j, (b, adv, keep) in enumerate(self._bar(list(zip(batches, advs, keeps)), desc=f"epoch {epoch} training")):
             traj = b.traj
             T_stored = traj.log_probs.shape[1]
-            # per-sample timestep columns (B, T_train); window runs store only window steps -> "all"
-            strategy = "all" if traj.window is not None else p.timestep_strategy
-            cols = torch.cat([select_timesteps(strategy, T_stored, 1, generator=g)
-                              for g in self._generators(epoch, b.global_index, "timesteps")])   # (B, T)
+            # per-sample timestep columns (B, T_train). A window run stores only its window's steps, and
+            # the window never holds the sharp last step (rollout.sde_window), so all stored columns train.
+            if traj.window is not None:
+                cols = select_timesteps("all", T_stored, len(b.rows), exclude_last=False)
+            else:
+                cols = torch.cat([select_timesteps(p.timestep_strategy, T_stored, 1, generator=g)
+                                  for g in self._generators(epoch, b.global_index, "timesteps")])  # (B, T)
             k_local = int(keep.sum())
             k_global = float(kept_per_batch[j])
             if k_local > 0:

@@ -79,6 +79,8 @@ def test_notebook_is_clean_and_its_params_match_schema(repo, notebook):
     for line in src.splitlines():
         if "=" in line and not line.lstrip().startswith("#"):
             assert "#" in line.split("=", 1)[1], f"{notebook}: parameter line without a comment: {line!r}"
+            # papermill cannot parse a parameter line whose comment holds '=' and then silently ignores it
+            assert "=" not in line.split("#", 1)[1], f"{notebook}: '=' in a parameter comment: {line!r}"
     # the cell's defaults are the schema's defaults
     assert P.to_dict(P.load_params(cell_params, schema)) == P.to_dict(schema())
 

@@ -53,7 +53,7 @@ class GRPOParams:
     model: str = "data/checkpoints/tiny-base"              # base checkpoint (dir or hub id on GPU nodes)
     cold_start_lora: str = ""                              # LoRA merged into the base first ("" = none); KL reference
     convention: str = "noise_at_one"                       # time convention the policy runs in
-    trainable: str = "lora"                                # lora | diffusion (Show-o2 head) | all
+    trainable: str = "lora"                                # lora | all | pattern:<regex> (Show-o2: pattern:diffusion)
     lora_rank: int = 16                                    # LoRA r
     lora_alpha: int = 16                                   # LoRA alpha
     train_prompts: str = "data/counting/train.jsonl"       # GenEval-format rows to train on
@@ -96,8 +96,9 @@ class GRPOParams:
     def __post_init__(self):
         if self.world not in ("embedded", "sd3", "showo2"):
             raise ValueError(f"world={self.world!r} is not one of ('embedded', 'sd3', 'showo2')")
-        if self.trainable not in ("lora", "diffusion", "all"):
-            raise ValueError(f"trainable={self.trainable!r} is not one of ('lora', 'diffusion', 'all')")
+        if not (self.trainable in ("lora", "all") or self.trainable.startswith("pattern:")):
+            raise ValueError(f"trainable={self.trainable!r} must be 'lora', 'all' or 'pattern:<regex>' "
+                             "(parameters whose names match the regex, e.g. 'pattern:diffusion')")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of ('no', 'fp16', 'bf16')")
         for name in ("num_steps", "eval_num_steps", "group_size", "batch_size", "batches_per_epoch",
@@ -203,9 +204,13 @@ class GRPOTrainer:
             from grpo_lib.rewards import build_reward
             reward_fn = build_reward(params.reward)
         self.reward_fn = reward_fn
-        self.params_list = list(self.policy.trainable_parameters())
+        self.params_list = [q for q in self.policy.trainable_parameters() if q.requires_grad]
         if not self.params_list:
             raise ValueError("the policy has no trainable parameters: attach a LoRA or choose trainable='all'")
+        # the KL reference: LoRA off (the policy's own context), or, when the weights themselves train,
+        # a frozen copy of their initial values swapped in (Show-o2: the frozen initial head)
+        self.reference = self.policy.reference if params.trainable == "lora" else \
+            FrozenReference(self.params_list).swapped_in
         self.opt = torch.optim.AdamW(self.params_list, lr=params.lr, weight_decay=params.weight_decay)
         self.ema = grpo.EMA(self.params_list, decay=params.ema_decay) if params.ema_decay > 0 else None
         self.sampler = grpo.GroupSampler(
@@ -367,14 +372,15 @@ class GRPOTrainer:
                 scale = k_local * self.acc.num_processes / k_global / cols.shape[1] / per_update
                 for c in range(cols.shape[1]):
                     col = cols[sel, c].to(self.acc.device)
+                    ref = None
+                    if p.beta > 0:   # reference first: a weight swap must not touch a graph in use
+                        with torch.no_grad(), self.reference(), self.acc.autocast():
+                            ref = recompute_log_prob(self.policy, sub, col)
                     with self.acc.autocast():
                         new = recompute_log_prob(self.policy, sub, col)
                     old_lp = sub.log_probs[torch.arange(len(sel)), col]
-                    kl = None
-                    if p.beta > 0:
-                        with torch.no_grad(), self.policy.reference(), self.acc.autocast():
-                            ref = recompute_log_prob(self.policy, sub, col)
-                        kl = step_kl(new.mean, ref.mean, new.std, new.dt, convention=p.kl_convention)
+                    kl = None if ref is None else step_kl(new.mean, ref.mean, new.std, new.dt,
+                                                          convention=p.kl_convention)
                     extra = {}
                     if p.ratio_norm:
                         extra = dict(mean=new.mean, old_mean=sub.means[torch.arange(len(sel)), col],
@@ -557,6 +563,55 @@ class GRPOTrainer:
             self._tb.close()
 
 
+class FrozenReference:
+    """Frozen copies of trainable weights, swapped in to evaluate the reference policy.
+
+    Used when the network's own weights train (full or head-only finetuning), where there is no
+    adapter to switch off: ``with ref.swapped_in(): ...`` runs the initial weights and restores the
+    live ones afterwards, even if the body raises.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.frozen = [q.detach().clone() for q in params]
+
+    def swapped_in(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            live = [q.detach().clone() for q in self.params]
+            with torch.no_grad():
+                for q, f in zip(self.params, self.frozen):
+                    q.copy_(f)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for q, l in zip(self.params, live):
+                        q.copy_(l)
+        return cm()
+
+
+def select_trainable(module: torch.nn.Module, trainable: str) -> list[str]:
+    """Freeze ``module`` except the parameters ``trainable`` names ('all' or 'pattern:<regex>');
+    returns the trainable names. A pattern that matches nothing is an error naming it."""
+    import re
+
+    names = [n for n, _ in module.named_parameters()]
+    if trainable == "all":
+        chosen = names
+    else:
+        rx = re.compile(trainable.split(":", 1)[1])
+        chosen = [n for n in names if rx.search(n)]
+        if not chosen:
+            raise ValueError(f"trainable={trainable!r} matches no parameter; names look like {names[:3]}")
+    keep = set(chosen)
+    for n, q in module.named_parameters():
+        q.requires_grad_(n in keep)
+    return chosen
+
+
 class _nullcontext:
     def __enter__(self):
         return None
@@ -593,7 +648,7 @@ def load_policy_for(p: GRPOParams, device) -> Any:
         if p.trainable == "lora":
             policy.add_lora(lora)
         else:
-            policy.set_trainable(p.trainable)
+            select_trainable(policy, p.trainable)
         return policy
     if p.world == "sd3":
         from grpo_lib.policies.sd3 import SD3Policy

@@ -131,3 +131,23 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(two["loss"], one["loss"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(two["approx_kl"], one["approx_kl"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(two["params"], one["params"], atol=1e-5, rtol=0)
+
+
+def test_head_only_training_keeps_the_rest_frozen_and_has_a_kl(tmp_path):
+    from grpo_lib.policies.tiny import TinyConfig, TinyPolicy
+    from grpo_lib.train import select_trainable
+
+    cfg = TinyConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, text_dim=32, text_layers=1)
+    policy = TinyPolicy(cfg, seed=0, convention="noise_at_zero")
+    names = select_trainable(policy, "pattern:up_blocks")
+    assert names and all("up_blocks" in n for n in names)
+    frozen_before = {n: q.detach().clone() for n, q in policy.named_parameters() if n not in set(names)}
+    head_before = {n: q.detach().clone() for n, q in policy.named_parameters() if n in set(names)}
+    p = small_params(tmp_path / "run", num_epochs=2, trainable="pattern:up_blocks", lr=1e-3, beta=0.1)
+    hist = run(p, policy=policy, reward_fn=brightness_reward)
+    after = dict(policy.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen_before.items())
+    assert any(not torch.equal(after[n], v) for n, v in head_before.items())
+    assert hist[1]["kl"] == 0.0 and hist[2]["kl"] > 0      # the reference is the frozen initial head
+    with pytest.raises(ValueError, match="matches no parameter"):
+        select_trainable(policy, "pattern:diffusion")

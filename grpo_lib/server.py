@@ -315,6 +315,8 @@ def decode_image(i: int, s: Any, max_pixels: int) -> np.ndarray:
         raise RequestError(400, f"images[{i}] is not valid base64 ({e})") from None
     try:
         im = Image.open(io.BytesIO(raw), formats=["PNG"])
+    except Image.DecompressionBombError as e:     # PIL's own header check (far above ours)
+        raise RequestError(413, f"images[{i}] is too large ({e})") from None
     except (UnidentifiedImageError, OSError) as e:
         raise RequestError(400, f"images[{i}] is not a PNG image ({len(raw)} bytes; {e})") from None
     w, h = im.size

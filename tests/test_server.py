@@ -399,9 +399,8 @@ def test_owlv2_detector_matches_transformers_post_processing(tiny_owlv2):
 
 
 def test_owlv2_backend_served_end_to_end(tiny_owlv2):
-    """create_app with --detector owlv2 behind HTTP (in-process ASGI client): counts == scores > 0.9."""
-    from fastapi.testclient import TestClient
-    from grpo_lib.server import Owlv2Detector, create_app
+    """``python -m grpo_lib.server --detector owlv2 --detector-path DIR``: counts == scores > 0.9."""
+    from grpo_lib.server import Owlv2Detector
     images, rows, *_ = scene_batch(6, seed=4)
     rows[1] = {**rows[1], "include": rows[1]["include"] + [{"class": "blue square", "count": 3}]}  # 2 queries
     dets = Owlv2Detector(tiny_owlv2).detect(images, [[(c["class"], c["count"]) for c in r["include"]]
@@ -410,24 +409,43 @@ def test_owlv2_backend_served_end_to_end(tiny_owlv2):
                 for ds, r in zip(dets, rows)]
     # the counts vary (the head was tuned so that scores straddle 0.9): not a vacuous comparison
     assert len({v for e in expected for v in e.values()}) >= 3, expected
-    app = create_app(ServerConfig(detector="owlv2", detector_path=str(tiny_owlv2)))
-    with TestClient(app) as client:
-        for _ in range(200):                                      # bounded wait for the loader thread
-            h = client.get("/health")
-            if h.status_code == 200:
-                break
-            assert h.json()["status"] == "loading", h.json()
-            time.sleep(0.05)
-        assert h.json()["detector"] == "owlv2" and h.json()["ready"]
-        r = client.post("/", content=_body([encode_png(im) for im in images], rows, only_strict=False))
-    assert r.status_code == 200, r.text
-    out = r.json()
+    with running_server("--detector", "owlv2", "--detector-path", str(tiny_owlv2), workers=1) as (proc, url):
+        status, h = http_json(url + "/health")
+        assert status == 200 and h["detector"] == "owlv2" and h["detector_path"] == str(tiny_owlv2)
+        out = RemoteCountingReward(url, only_strict=False).score(images, rows)
     got_counts = [{c["class"]: cnt[c["class"]] for c in row["include"]} for cnt, row in zip(out["counts"], rows)]
     assert got_counts == expected
     exp_scores = [np.mean([1 - abs(c["count"] - e[c["class"]]) / c["count"] for c in r["include"]])
                   for e, r in zip(expected, rows)]
     np.testing.assert_allclose(out["scores"], exp_scores, rtol=0, atol=1e-12)
     assert out["group_rewards"]["position"] == [-10.0] * 6
+
+
+def test_health_says_loading_then_ready(tiny_owlv2):
+    """The detector loads in a background thread: /health answers 503 "loading", then 200 "ready"."""
+    from fastapi.testclient import TestClient
+    from grpo_lib.server import create_app
+    app = create_app(ServerConfig(detector="owlv2", detector_path=str(tiny_owlv2)))
+    seen = []
+    with TestClient(app) as client:
+        for _ in range(400):                                      # bounded wait for the loader thread
+            h = client.get("/health")
+            seen.append((h.status_code, h.json()["status"]))
+            if h.status_code == 200:
+                break
+            time.sleep(0.01)
+        assert seen[-1] == (200, "ready") and set(seen[:-1]) <= {(503, "loading")}
+    bad = create_app(ServerConfig(detector="owlv2", detector_path="/nonexistent/owlv2"))
+    with TestClient(bad) as client:
+        for _ in range(200):
+            h = client.get("/health")
+            if h.json()["status"] != "loading":
+                break
+            time.sleep(0.01)
+        assert h.status_code == 503 and h.json()["status"] == "error" and "/nonexistent/owlv2" in h.json()["error"]
+        r = client.post("/", content=_body([encode_png(np.zeros((32, 32, 3), np.uint8))],
+                                           [counting_row("red circle", 1)]))
+        assert r.status_code == 503 and "is error" in r.json()["error"]
 
 
 def test_owlv2_needs_a_local_directory(tmp_path):
@@ -576,3 +594,9 @@ def test_client_fails_clearly_when_the_server_is_killed_mid_run():
     assert "Connection refused" in str(err) or "Errno 111" in str(err)
     assert outcome["t_error"] - t_kill < budget
     assert outcome.get("after_kill", 0) <= 1                 # at most the call already answered before the kill
+
+
+def test_cli_refuses_owlv2_without_a_local_path():
+    r = subprocess.run([sys.executable, "-m", "grpo_lib.server", "--detector", "owlv2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--detector owlv2 needs --detector-path DIR" in r.stderr

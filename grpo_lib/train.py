@@ -91,6 +91,9 @@ class GRPOParams:
     resume: bool = False                                   # continue from run_dir/checkpoints/latest
     time_budget_minutes: float = 0.0                       # stop after this many minutes (0 = no limit)
     guard_max_drop: float = 0.05                           # quality guard: max relative drop vs the start
+    unseen_prompts: str = "data/counting/test_unseen_counts.jsonl"  # counts never trained on (final eval)
+    final_images_per_prompt: int = 4                       # final eval: images per held-out prompt
+    final_max_prompts: int = 0                             # final eval: prompts per set (0 means all)
     progress: bool = True                                  # tqdm bars
 
     def __post_init__(self):
@@ -102,7 +105,8 @@ class GRPOParams:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of ('no', 'fp16', 'bf16')")
         for name in ("num_steps", "eval_num_steps", "group_size", "batch_size", "batches_per_epoch",
-                     "updates_per_epoch", "num_epochs", "eval_every", "save_every", "eval_max_prompts"):
+                     "updates_per_epoch", "num_epochs", "eval_every", "save_every", "eval_max_prompts",
+                     "final_images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.batches_per_epoch % self.updates_per_epoch:

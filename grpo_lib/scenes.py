@@ -288,13 +288,20 @@ def write_prompt_sets(out_dir: str | Path, seed: int = 0) -> dict[str, int]:
     return sizes
 
 
-def load_rows(path: str | Path) -> list[dict]:
+def load_rows(path: str | Path, *, embedded: bool = True) -> list[dict]:
+    """GenEval metadata rows from a JSONL file. ``embedded=True`` also checks that every class is one
+    this world can draw; the GPU world's COCO rows (``data/counting_coco``) only need the format."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"prompt file {str(path)!r} does not exist")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for r in rows:
-        row_target(r)
+    if not rows:
+        raise ValueError(f"prompt file {str(path)!r} holds no rows")
+    for i, r in enumerate(rows):
+        if embedded:
+            row_target(r)
+        elif not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and r.get("include")):
+            raise ValueError(f"{path}:{i + 1}: row {r!r} needs a 'prompt' and an 'include' clause")
     return rows
 
 

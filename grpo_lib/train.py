@@ -59,6 +59,8 @@ class GRPOParams:
     train_prompts: str = "data/counting/train.jsonl"       # GenEval-format rows to train on
     eval_prompts: str = "data/counting/test.jsonl"         # held-out rows for the per-epoch evaluation
     reward: dict[str, float] = field(default_factory=lambda: {"counting_strict": 1.0})  # name -> weight
+    reward_server_url: str = ""                            # score remotely (grpo_lib.server) instead; "" local
+    resolution: int = 512                                  # image size for sd3 / showo2 (embedded: checkpoint's)
     num_steps: int = 10                                    # sampling steps of a rollout
     eval_num_steps: int = 20                               # ODE steps at evaluation
     shift: float = 1.0                                     # sigma-schedule shift (SD3.5: 3.0)
@@ -200,13 +202,13 @@ class GRPOTrainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.acc.is_main_process:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self.train_rows = scenes.load_rows(params.train_prompts)
-        self.eval_rows = scenes.load_rows(params.eval_prompts)[: params.eval_max_prompts] \
+        embedded = params.world == "embedded"
+        self.train_rows = scenes.load_rows(params.train_prompts, embedded=embedded)
+        self.eval_rows = scenes.load_rows(params.eval_prompts, embedded=embedded)[: params.eval_max_prompts] \
             if params.eval_prompts else []
         self.policy = policy if policy is not None else load_policy_for(params, self.acc.device)
         if reward_fn is None:
-            from grpo_lib.rewards import build_reward
-            reward_fn = build_reward(params.reward)
+            reward_fn = build_reward_for(params)
         self.reward_fn = reward_fn
         self.params_list = [q for q in self.policy.trainable_parameters() if q.requires_grad]
         if not self.params_list:
@@ -639,6 +641,24 @@ def _times(num_steps: int, shift: float, convention: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def build_reward_for(p: GRPOParams):
+    """The reward a params file asks for: the registry's weighted sum, or the remote server's
+    strict / partial reward (GPU world: the detector runs as its own service)."""
+    if p.reward_server_url:
+        from grpo_lib.server import RemoteCountingReward
+        names = set(p.reward)
+        if names == {"counting_strict"}:
+            kind = "strict"
+        elif names == {"counting_partial"}:
+            kind = "partial"
+        else:
+            raise ValueError(f"reward={p.reward} with reward_server_url: the server scores one of "
+                             "{'counting_strict': 1.0} or {'counting_partial': 1.0}")
+        return RemoteCountingReward(p.reward_server_url, reward=kind)
+    from grpo_lib.rewards import build_reward
+    return build_reward(p.reward)
+
+
 def load_policy_for(p: GRPOParams, device) -> Any:
     """The policy a params file asks for: base checkpoint, cold-start LoRA merged in, fresh LoRA on top."""
     lora = {"r": p.lora_rank, "lora_alpha": p.lora_alpha}
@@ -658,7 +678,8 @@ def load_policy_for(p: GRPOParams, device) -> Any:
         from grpo_lib.policies.sd3 import SD3Policy
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[p.mixed_precision]
         kwargs = {"merge_lora_path": p.cold_start_lora} if p.cold_start_lora else {}
-        return SD3Policy.from_pretrained(p.model, device=device, dtype=dtype, lora=lora, **kwargs)
+        return SD3Policy.from_pretrained(p.model, device=device, dtype=dtype, lora=lora,
+                                         height=p.resolution, width=p.resolution, **kwargs)
     from grpo_lib.policies.showo2 import ShowO2Policy
     return ShowO2Policy.from_params(p, device=device)
 

@@ -32,3 +32,12 @@ def run_notebook(tmp_path):
         return executed, run_dir
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny randomly initialised SD3 pipeline saved with save_pretrained (loaded like a hub checkpoint)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from sd3_tiny import build_tiny_sd3
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))

@@ -30,11 +30,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="session")
-def tiny_sd3_dir(tmp_path_factory) -> Path:
-    return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
-
-
 def load(directory, **kw) -> SD3Policy:
     kw = {"height": TINY_HEIGHT, "width": TINY_WIDTH, "max_sequence_length": MAX_SEQ, **kw}
     return SD3Policy.from_pretrained(directory, **kw)

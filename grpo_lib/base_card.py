@@ -219,7 +219,24 @@ def evaluate_base(model_dir: str | Path, prompts_path: str | Path = "data/counti
         np.savez_compressed(out / "samples.npz", images=images, prompts=np.array([r["prompt"] for r in rows]),
                             counts=np.array([scenes.row_target(r)[1] for r in rows]))
         (out / "figures.json").write_text(json.dumps(_public(figs), indent=1))
+        (out / "table.md").write_text(markdown_table(figs) + "\n")
     return figs
+
+
+def markdown_table(figs: dict) -> str:
+    """The card's per-count table (ShapeCounter and quick detector side by side) as Markdown."""
+    sc, q = figs["shape_counter"], figs["quick"]
+    lines = ["| asked count | images | exact acc (ShapeCounter) | exact acc (quick CC) |", "|---|---|---|---|"]
+    for k, v in sc["per_count"].items():
+        lines.append(f"| {k} | {v['n']} | {v['accuracy']:.3f} | {q['per_count'][k]['accuracy']:.3f} |")
+    for name, key in (("counts 1-3", "acc_1_3"), ("counts 4-10", "acc_4_10"), ("all", "acc_all")):
+        lines.append(f"| **{name}** | | **{sc[key]:.3f}** | {q[key]:.3f} |")
+    lines += ["", "| quality | ShapeCounter | quick CC |", "|---|---|---|",
+              f"| well-formed objects | {sc['well_formed_objects']:.3f} (of {sc['objects']}) | "
+              f"{q['well_formed_objects']:.3f} (of {q['objects']}) |",
+              f"| clean background (images) | {sc['clean_background']:.3f} | {q['clean_background']:.3f} |",
+              f"| objects of the asked colour (images) | | {q['right_color']:.3f} |"]
+    return "\n".join(lines)
 
 
 def _public(figs: dict) -> dict:
@@ -245,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                          guidance_scale=args.cfg, shift=args.shift, seed=args.seed, out_dir=args.out,
                          limit=args.limit)
     print(json.dumps(_public(figs), indent=1))
+    print(markdown_table(figs))
     return 0
 
 

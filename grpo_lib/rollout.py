@@ -357,3 +357,40 @@ def recompute_log_prob(policy, traj: Trajectories, columns, *, samples=None,
     _, log_prob, mean, std = sde_step_with_logprob(v, t, t_next, x, noise_level=a, prev_sample=x_next,
                                                    sde_type=kind, convention=traj.convention)
     return RecomputedStep(log_prob, mean, std.reshape(batch), t_next - t)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation images for prompt rows (fixed seeds: every stage sees the same initial noise)
+# ------------------------------------------------------------------------------------------------
+def eval_seed(seed: int, prompt: str, k: int) -> int:
+    """Seed of the k-th evaluation image of ``prompt``: independent of batching and of the model,
+    so base, cold start and GRPO are compared on identical initial noise."""
+    import hashlib
+
+    h = hashlib.blake2b(f"{seed}/{k}/{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@torch.no_grad()
+def sample_for_rows(policy, rows: Sequence[dict], *, images_per_prompt: int = 4, num_steps: int = 20,
+                    shift: float = 1.0, guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 64,
+                    progress: bool = False) -> tuple[np.ndarray, list[dict]]:
+    """ODE-sample ``images_per_prompt`` images for every row; returns uint8 (N, H, W, 3) and the N rows
+    (each row repeated per image, in order). Image k of a prompt always starts from the same noise."""
+    if images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt={images_per_prompt} must be >= 1")
+    flat = [(r, k) for r in rows for k in range(images_per_prompt)]
+    chunks = range(0, len(flat), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        chunks = tqdm(chunks, desc="evaluation images", leave=False)
+    images = []
+    for i in chunks:
+        part = flat[i:i + batch_size]
+        gens = [torch.Generator().manual_seed(eval_seed(seed, r["prompt"], k)) for r, k in part]
+        _, img = sample_images(policy, [r["prompt"] for r, _ in part], num_steps=num_steps, shift=shift,
+                               guidance_scale=guidance_scale, generator=gens)
+        images.append(img)
+    if not images:
+        raise ValueError("sample_for_rows got no rows")
+    return np.concatenate(images), [r for r, _ in flat]

@@ -311,3 +311,19 @@ def test_bad_inputs():
         recompute_log_prob(pol, traj, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="different settings"):
         Trajectories.cat([traj, sample_trajectories(pol, PROMPTS, num_steps=3, noise_level=0.5)])
+
+
+def test_sample_for_rows_is_batching_invariant():
+    """Image k of a prompt starts from the same noise whatever the batch, so stages compare fairly."""
+    import torch
+    from grpo_lib.policies.tiny import TinyConfig, TinyPolicy
+    from grpo_lib.rollout import sample_for_rows
+    from grpo_lib.scenes import counting_row
+
+    policy = TinyPolicy(TinyConfig(block_out_channels=(16, 32, 32), text_dim=32, text_layers=1), seed=0)
+    rows = [counting_row("red circle", n) for n in (1, 2, 3)]
+    a, ra = sample_for_rows(policy, rows, images_per_prompt=2, num_steps=3, batch_size=6)
+    b, rb = sample_for_rows(policy, rows, images_per_prompt=2, num_steps=3, batch_size=4)
+    assert a.shape == (6, 32, 32, 3) and ra == rb == [rows[0], rows[0], rows[1], rows[1], rows[2], rows[2]]
+    assert (a == b).all()
+    assert not (a[0] == a[1]).all()            # the two images of a prompt differ

@@ -61,6 +61,10 @@ class GRPOParams:
     reward: dict[str, float] = field(default_factory=lambda: {"counting_strict": 1.0})  # name -> weight
     reward_server_url: str = ""                            # score remotely (grpo_lib.server) instead; "" local
     resolution: int = 512                                  # image size for sd3 / showo2 (embedded: checkpoint's)
+    showo2_repo: str = ""                                  # Show-o checkout (its show-o2 folder) for world showo2
+    showo2_vae_path: str = ""                              # Wan2.1_VAE.pth for Show-o2's decoder
+    showo2_llm_path: str = "Qwen/Qwen2.5-1.5B-Instruct"    # tokenizer / LLM config Show-o2 extends
+    showo2_max_seq_len: int = 1024                         # Show-o2 sequence: text + image tokens + specials
     num_steps: int = 10                                    # sampling steps of a rollout
     eval_num_steps: int = 20                               # ODE steps at evaluation
     shift: float = 1.0                                     # sigma-schedule shift (SD3.5: 3.0)
@@ -215,7 +219,9 @@ class GRPOTrainer:
             raise ValueError("the policy has no trainable parameters: attach a LoRA or choose trainable='all'")
         # the KL reference: LoRA off (the policy's own context), or, when the weights themselves train,
         # a frozen copy of their initial values swapped in (Show-o2: the frozen initial head)
-        self.reference = self.policy.reference if params.trainable == "lora" else \
+        # (a policy that keeps its own frozen copy, as ShowO2Policy does, is not copied a second time)
+        own = getattr(self.policy, "has_frozen_reference", False)
+        self.reference = self.policy.reference if (params.trainable == "lora" or own) else \
             FrozenReference(self.params_list).swapped_in
         self.opt = torch.optim.AdamW(self.params_list, lr=params.lr, weight_decay=params.weight_decay)
         self.ema = grpo.EMA(self.params_list, decay=params.ema_decay) if params.ema_decay > 0 else None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, make_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,13 +38,3 @@ def make_fake_showo2(root: Path, *, seed: int = 0, latent_channels: int = 4) -> 
     g = torch.Generator().manual_seed(seed + 1)
     torch.save({"proj": torch.randn(3, latent_channels, generator=g)}, vae)
     return FakeShowO2(repo, ckpt, llm, vae)
-
-
-def grpo_params_with_showo2_fields():
-    """GRPOParams plus the fields proposed in grpo_lib.policies.showo2.GRPO_PARAM_FIELDS (until the lead adds them)."""
-    from grpo_lib.policies.showo2 import GRPO_PARAM_FIELDS
-    from grpo_lib.train import GRPOParams
-
-    fields = [(name, type(default), default) for name, (default, _) in GRPO_PARAM_FIELDS.items()
-              if name not in {f for f in GRPOParams.__dataclass_fields__}]
-    return make_dataclass("GRPOParamsShowO2", fields, bases=(GRPOParams,)) if fields else GRPOParams

@@ -1,0 +1,682 @@
+r"""Cold start: LoRA finetuning of the base on an exact-count dataset before RL (seed 000, improvement 1).
+
+The counting fork first finetuned SD3.5-Medium on a custom counting dataset, then ran Flow-GRPO from
+there. Here the supervised stage minimises the rectified-flow loss (``grpo_lib.flow_matching``) over a
+LoRA on the base's denoiser:
+
+    min_{A, B}  E_{(x_0, c), eps, sigma} [ w(sigma) || v_{W + (alpha/r) B A}(x_t, t | c~) - v* ||^2 ],
+    c~ = ""  with probability ``caption_dropout`` (keeps classifier-free guidance working), else c
+
+| code name                     | symbol / meaning                                                      |
+|-------------------------------|-----------------------------------------------------------------------|
+| ``lora_rank``, ``lora_alpha`` | r, alpha; the LoRA update is (alpha / r) B A (B = 0 at start)          |
+| ``x0``                        | x_0: a rendered exact-count scene (embedded, pixels in [-1, 1]) or the VAE latent of an image-folder image (sd3) |
+| ``logit_mean``, ``logit_std``, ``timestep_shift`` | sigma's logit-normal density and shift (``flow_matching.sample_timesteps``) |
+| ``weighting``                 | w(sigma) (``flow_matching.loss_weight``)                               |
+| ``batch_size`` x ``grad_accum`` x processes | samples per optimizer step                              |
+
+Data. Embedded world: ``scenes.ExactCountDataset`` renders, for each sample, a scene with exactly the
+count its prompt row asks for (``data/counting/train.jsonl``: counts 1-10, captions that always say the
+number, unlike the base's web captions). GPU world: a Hugging Face ``imagefolder`` directory with a
+``metadata.jsonl`` (``policies.sd3.ImageFolderCountingDataset``), VAE-encoded once up front.
+Sample k of optimizer step s comes from a position keyed on (seed, s, micro-batch, process), and its
+noise / time / caption dropout from ``train.sample_seed`` of the same key, so a resumed run repeats an
+uninterrupted one exactly.
+
+Machinery: ``accelerate`` places the model (``Accelerator``), accumulates gradients
+(``accelerator.accumulate``), runs mixed precision (``mixed_precision``); gradients of the LoRA are
+averaged over processes by an explicit all-reduce (as the GRPO trainer does, so the policy object is
+never wrapped). Outputs under ``run_dir/cold_start/``:
+
+| path                                   | what                                                          |
+|----------------------------------------|---------------------------------------------------------------|
+| ``checkpoints/step_XXXXXX/``, ``latest`` | atomic checkpoints (``lora/`` + ``state.pt``); ``resume: true`` continues |
+| ``loss.csv``, ``loss.png``             | the loss curve                                                 |
+| ``eval_{before,after}.csv`` / ``_images.npz`` | per-image found counts and images (same seeds before and after) |
+| ``accuracy_before_after.csv``          | exact-count accuracy per count with Wilson intervals, before and after |
+| ``grid_before_after.png``              | the same seeds drawn by the base and by the finetuned model   |
+| ``lora/``                              | the LoRA (GRPO: ``cold_start_lora: <run_dir>/cold_start/lora``) |
+| ``merged/``                            | base with the LoRA folded in (GRPO: ``model: <run_dir>/cold_start/merged``) |
+| ``summary.json``                       | steps, minutes, losses, accuracies, merge check               |
+
+    python -m grpo_lib.cold_start params/01_cold_start__default.yaml
+    accelerate launch -m grpo_lib.cold_start params/01_cold_start__sd35m.yaml      # GPU node
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .flow_matching import WEIGHTINGS, flow_matching_loss, sample_timesteps
+from .train import _flat_allreduce_mean, atomic_save_dir, atomic_write_text, sample_seed
+
+WORLDS = ("embedded", "sd3")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ColdStartParams:
+    """Fields of notebooks/01_cold_start.ipynb's parameters cell (and of params/01_cold_start__*.yaml)."""
+    run_dir: str = "runs/dev"                          # where outputs go (run_dir/cold_start/)
+    world: str = "embedded"                            # embedded | sd3
+    model: str = "data/checkpoints/tiny-base"          # base checkpoint dir (sd3: dir or hub id)
+    convention: str = "noise_at_one"                   # embedded: time convention the policy runs in
+    prompts: str = "data/counting/train.jsonl"         # embedded: rows whose exact-count scenes are rendered
+    image_folder: str = ""                             # sd3: imagefolder dir with metadata.jsonl
+    resolution: int = 0                                # image size; 0 means the model's own (embedded: 32)
+    lora_rank: int = 8                                 # LoRA r
+    lora_alpha: int = 8                                # LoRA alpha (scale alpha / r)
+    lr: float = 1e-3                                   # AdamW learning rate
+    lr_warmup_steps: int = 20                          # linear warmup steps
+    weight_decay: float = 1e-4                         # AdamW weight decay
+    steps: int = 400                                   # optimizer steps
+    batch_size: int = 32                               # samples per micro-batch per process
+    grad_accum: int = 1                                # micro-batches per optimizer step
+    max_grad_norm: float = 1.0                         # gradient clipping (0 disables it)
+    caption_dropout: float = 0.1                       # probability of training on the empty prompt (CFG)
+    logit_mean: float = 0.0                            # m of the logit-normal noise level
+    logit_std: float = 1.0                             # s of the logit-normal noise level
+    timestep_shift: float = 1.0                        # shift of the training noise level (SD3.5: 3.0)
+    weighting: str = "none"                            # loss weighting: none | sigma_sqrt | cosmap
+    mixed_precision: str = "no"                        # no | fp16 | bf16
+    seed: int = 0                                      # data, noise and eval seeds are keyed on it
+    checkpoint_every: int = 100                        # optimizer steps between checkpoints
+    resume: bool = False                               # continue from run_dir/cold_start/checkpoints/latest
+    time_budget_minutes: float = 0.0                   # stop training after this many minutes (0: none)
+    eval_prompts: str = "data/counting/test.jsonl"     # held-out rows for the before/after table
+    eval_prompts_per_count: int = 4                    # eval prompts per requested count
+    eval_images_per_prompt: int = 4                    # images per eval prompt (same seeds before/after)
+    eval_num_steps: int = 20                           # ODE steps at evaluation
+    eval_guidance_scale: float = 3.0                   # CFG scale at evaluation
+    eval_shift: float = 1.0                            # sampling-schedule shift at evaluation (SD3.5: 3.0)
+    eval_batch_size: int = 64                          # images per sampling batch at evaluation
+    reward_server_url: str = ""                        # sd3: counting server for found counts (empty: none)
+    save_merged: bool = True                           # also save the base with the LoRA merged in
+    num_threads: int = 0                               # torch.set_num_threads (0 leaves it alone)
+    progress: bool = True                              # tqdm bars
+
+    def __post_init__(self):
+        from .policies.base import check_convention
+
+        if self.world not in WORLDS:
+            raise ValueError(f"world={self.world!r} is not one of {WORLDS}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of {MIXED_PRECISIONS}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={self.weighting!r} is not one of {WEIGHTINGS}")
+        check_convention(self.convention)
+        for name in ("lora_rank", "lora_alpha", "steps", "batch_size", "grad_accum", "checkpoint_every",
+                     "eval_prompts_per_count", "eval_images_per_prompt", "eval_num_steps", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("lr_warmup_steps", "resolution", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("lr", "logit_std", "timestep_shift", "eval_shift"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("max_grad_norm", "time_budget_minutes", "weight_decay", "eval_guidance_scale"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if self.world == "embedded" and not self.prompts:
+            raise ValueError("world='embedded' renders its training scenes from prompts (a JSONL of counting rows); "
+                             "prompts is empty")
+        if self.world == "sd3" and not self.image_folder:
+            raise ValueError("world='sd3' trains on an image folder (imagefolder layout with metadata.jsonl); "
+                             "image_folder is empty")
+        if self.world == "embedded" and self.image_folder:
+            raise ValueError(f"image_folder={self.image_folder!r} is for world='sd3'; the embedded world renders "
+                             "its scenes from prompts")
+        if self.world == "embedded" and self.reward_server_url:
+            raise ValueError("reward_server_url is for world='sd3'; the embedded world counts with ShapeCounter")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run_dir) / "cold_start"
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy and data
+# ---------------------------------------------------------------------------------------------
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_policy(p: ColdStartParams, device) -> Any:
+    """The base model of ``p.model`` with a fresh LoRA (r = ``lora_rank``, alpha = ``lora_alpha``, B = 0).
+
+    peft draws the LoRA's A matrices from torch's global generator; it is seeded from ``p.seed`` inside
+    ``fork_rng`` so the same params give the same initial adapter without disturbing the caller's stream.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed(p.seed, 0, 0, "cold_start_lora_init"))
+        return _build_policy(p, device)
+
+
+def _build_policy(p: ColdStartParams, device) -> Any:
+    lora = {"r": p.lora_rank, "lora_alpha": p.lora_alpha}
+    if p.world == "embedded":
+        from .policies.tiny import TinyPolicy
+        policy = TinyPolicy.from_pretrained(p.model, device=device, convention=p.convention)
+        if p.resolution and p.resolution != policy.config.image_size:
+            raise ValueError(f"resolution={p.resolution} but the embedded checkpoint {p.model!r} draws "
+                             f"{policy.config.image_size}x{policy.config.image_size}; use 0 (the model's own)")
+        policy.add_lora(lora)
+        return policy
+    from .policies.sd3 import SD3Policy
+    pipe_size = {}
+    if p.resolution:
+        pipe_size = {"height": p.resolution, "width": p.resolution}
+    policy = SD3Policy.from_pretrained(p.model, device=device, dtype=_DTYPES[p.mixed_precision], lora=lora,
+                                       **(pipe_size or {"height": 512, "width": 512}))
+    return policy
+
+
+def denoiser(policy) -> torch.nn.Module:
+    """The module that holds the LoRA (the tiny UNet or the SD3 MMDiT)."""
+    for name in ("unet", "transformer"):
+        if getattr(policy, name, None) is not None:
+            return getattr(policy, name)
+    raise ValueError(f"{type(policy).__name__} has neither .unet nor .transformer; cold start needs one")
+
+
+class EmbeddedCountingData:
+    """Exact-count scenes for the rows of ``prompts`` (``scenes.ExactCountDataset``), one fresh scene per position."""
+
+    def __init__(self, rows: Sequence[dict], seed: int, size: int = 32):
+        from .scenes import ExactCountDataset
+
+        self.ds = ExactCountDataset(rows, length=2 ** 62, seed=seed, size=size)
+
+    def __call__(self, positions: np.ndarray) -> tuple[torch.Tensor, list[str]]:
+        items = [self.ds[int(i)] for i in positions]
+        x0 = torch.from_numpy(np.stack([it["pixels"] for it in items]))          # (B, 3, H, W) in [-1, 1]
+        return x0, [it["prompt"] for it in items]
+
+
+class ImageFolderData:
+    """An imagefolder of counting images, VAE-encoded once (posterior mean); epochs are seeded permutations."""
+
+    def __init__(self, policy, folder: str | Path, resolution: int, seed: int, batch_size: int = 8,
+                 progress: bool = False):
+        from tqdm.auto import tqdm
+
+        from .policies.sd3 import ImageFolderCountingDataset
+
+        ds = ImageFolderCountingDataset(folder, resolution=resolution)
+        self.prompts = [r["prompt"] for r in ds.rows]
+        self.seed = seed
+        chunks = []
+        for s in tqdm(range(0, len(ds), batch_size), desc="encode images", disable=not progress, leave=False):
+            images = np.stack([ds[i]["image"] for i in range(s, min(s + batch_size, len(ds)))])   # (b, H, W, 3)
+            chunks.append(policy.encode_images(images).cpu())                                   # (b, C, h, w)
+        self.latents = torch.cat(chunks)                                                          # (N, C, h, w)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng(sample_seed(self.seed, epoch, 0, "cold_start_epoch"))
+                           .permutation(len(self))}
+        return self._perms[epoch]
+
+    def __call__(self, positions: np.ndarray) -> tuple[torch.Tensor, list[str]]:
+        n = len(self)
+        idx = np.array([self._perm(int(q) // n)[int(q) % n] for q in positions])
+        return self.latents[torch.from_numpy(idx)], [self.prompts[i] for i in idx]
+
+
+def select_eval_rows(rows: Sequence[dict], per_count: int) -> list[dict]:
+    """``per_count`` rows for every requested count, evenly spaced through that count's rows (so a
+    test set ordered by class and template is sampled across both), in count order."""
+    from collections import defaultdict
+
+    by_count: dict[int, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_count[int(r["include"][0]["count"])].append(r)
+    out = []
+    for n in sorted(by_count):
+        group = by_count[n]
+        k = min(per_count, len(group))
+        out += [group[int(i)] for i in np.linspace(0, len(group) - 1, k).round().astype(int)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+class ColdStart:
+    """One cold-start run: ``evaluate("before")``, ``train()``, ``evaluate("after")``, ``finish()``.
+
+    ``policy`` and ``accelerator`` may be passed in (tests); otherwise they are built from ``params``.
+    """
+
+    def __init__(self, params: ColdStartParams, *, policy=None, accelerator=None):
+        from accelerate import Accelerator
+
+        from . import scenes
+
+        self.p = p = params
+        if p.num_threads:
+            torch.set_num_threads(p.num_threads)
+        self.acc = accelerator or Accelerator(mixed_precision=p.mixed_precision,
+                                              gradient_accumulation_steps=p.grad_accum,
+                                              cpu=not torch.cuda.is_available())
+        if self.acc.gradient_accumulation_steps != p.grad_accum:
+            raise ValueError(f"the accelerator accumulates {self.acc.gradient_accumulation_steps} micro-batches "
+                             f"but grad_accum={p.grad_accum}; build it with gradient_accumulation_steps={p.grad_accum}")
+        self.out = p.out_dir
+        self.ckpt_dir = self.out / "checkpoints"
+        if self.acc.is_main_process:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        embedded = p.world == "embedded"
+        self.eval_rows = select_eval_rows(scenes.load_rows(p.eval_prompts, embedded=embedded),
+                                          p.eval_prompts_per_count) if p.eval_prompts else []
+        self.policy = policy if policy is not None else build_policy(p, self.acc.device)
+        self.module = denoiser(self.policy)
+        self.params_list = [q for q in self.policy.trainable_parameters() if q.requires_grad]
+        if not self.params_list:
+            raise ValueError("the policy has no trainable parameters; cold start trains a LoRA (add_lora first)")
+        if embedded:
+            self.data = EmbeddedCountingData(scenes.load_rows(p.prompts), p.seed, size=self.policy.latent_shape[-1])
+        else:
+            self.data = ImageFolderData(self.policy, p.image_folder, self.policy.height, p.seed,
+                                        batch_size=p.eval_batch_size, progress=p.progress)
+        self.opt = self.acc.prepare(torch.optim.AdamW(self.params_list, lr=p.lr, weight_decay=p.weight_decay))
+        self.step = 0
+        self.elapsed = 0.0
+        self.history: list[dict] = []
+        self.results: dict[str, Any] = {}
+
+    # -- data ---------------------------------------------------------------------------------
+    def batch(self, step: int, micro: int):
+        """This process's micro-batch ``micro`` of optimizer step ``step``: (x0, prompts, t, noise).
+
+        Sample positions are global (step, micro-batch, process, slot), and each sample's caption
+        dropout, time t and noise come from its own generator keyed on (seed, position), so the same
+        positions train the same way however they are split into micro-batches or processes, and a
+        resumed run continues exactly.
+        """
+        p, acc = self.p, self.acc
+        key = (step * p.grad_accum + micro) * acc.num_processes + acc.process_index     # global micro-batch id
+        positions = key * p.batch_size + np.arange(p.batch_size)                          # (B,)
+        x0, prompts = self.data(positions)
+        ts, noises, out_prompts = [], [], []
+        for pos, prompt in zip(positions, prompts):
+            g = torch.Generator().manual_seed(sample_seed(p.seed, 0, int(pos), "cold_start_sample"))
+            drop = bool(torch.rand(1, generator=g) < p.caption_dropout)
+            out_prompts.append("" if drop else prompt)
+            ts.append(sample_timesteps(1, g, p.logit_mean, p.logit_std, shift=p.timestep_shift,
+                                       convention=self.policy.convention))
+            noises.append(torch.randn((1, *self.policy.latent_shape), generator=g))
+        return x0, out_prompts, torch.cat(ts), torch.cat(noises)                           # (B,), (B, C, H, W)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        if not all(torch.isfinite(q).all() for q in self.params_list):
+            raise ValueError(f"step {self.step}: non-finite LoRA weights; not checkpointing (lower lr?)")
+        if not self.acc.is_main_process:
+            return None
+        final = self.ckpt_dir / f"step_{self.step:06d}"
+
+        def build(tmp: Path) -> None:
+            torch.save({"step": self.step, "elapsed": self.elapsed, "history": self.history,
+                        "trainable": [q.detach().cpu().clone() for q in self.params_list],
+                        "optimizer": self.opt.state_dict()}, tmp / "state.pt")
+            self.policy.save_lora(tmp / "lora")
+
+        atomic_save_dir(build, final)
+        atomic_write_text(self.ckpt_dir / "latest", final.name)
+        self.write_loss_csv()
+        return final
+
+    def maybe_resume(self) -> bool:
+        latest = self.ckpt_dir / "latest"
+        if not (self.p.resume and latest.is_file()):
+            return False
+        path = self.ckpt_dir / latest.read_text().strip()
+        state = torch.load(path / "state.pt", weights_only=False, map_location="cpu")
+        if len(state["trainable"]) != len(self.params_list) or any(
+                s.shape != q.shape for s, q in zip(state["trainable"], self.params_list)):
+            raise ValueError(f"checkpoint {str(path)!r} holds LoRA tensors of other shapes than this run's "
+                             f"(lora_rank={self.p.lora_rank}?); start a new run_dir or resume: false")
+        with torch.no_grad():
+            for q, v in zip(self.params_list, state["trainable"]):
+                q.copy_(v.to(q.device))
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.elapsed, self.history = state["step"], state["elapsed"], state["history"]
+        self._log(f"resumed from {path.name} (step {self.step}, {self.elapsed / 60:.1f} min trained)")
+        return True
+
+    # -- training -----------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        """Run (or resume) the LoRA finetuning up to ``steps`` optimizer steps or the time budget."""
+        from tqdm.auto import tqdm
+
+        p, acc = self.p, self.acc
+        self.maybe_resume()
+        bar = tqdm(total=p.steps, initial=self.step, desc="cold start", leave=True,
+                   disable=not (p.progress and acc.is_main_process))
+        t_start = time.perf_counter() - self.elapsed
+        last_saved = self.step
+        while self.step < p.steps:
+            if p.time_budget_minutes and self.elapsed > 60.0 * p.time_budget_minutes:
+                self._log(f"time budget of {p.time_budget_minutes} min reached at step {self.step}")
+                break
+            lr = p.lr * min(1.0, (self.step + 1) / p.lr_warmup_steps) if p.lr_warmup_steps else p.lr
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            losses, grad_norm = [], float("nan")
+            for micro in range(p.grad_accum):
+                x0, prompts, t, noise = self.batch(self.step, micro)
+                with acc.accumulate(self.module):
+                    with acc.autocast():
+                        cond = self.policy.encode(prompts)
+                        loss = flow_matching_loss(self.policy, x0, cond, t=t, noise=noise, weighting=p.weighting)
+                    if not torch.isfinite(loss):
+                        raise ValueError(f"non-finite flow-matching loss {loss.item()} at step {self.step} "
+                                         f"(micro-batch {micro}); lower lr={p.lr} or check the data")
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        _flat_allreduce_mean(self.params_list, acc)
+                        grad_norm = float(acc.clip_grad_norm_(self.params_list, p.max_grad_norm or float("inf")))
+                    self.opt.step()
+                    self.opt.zero_grad(set_to_none=True)
+                losses.append(loss.detach().float())
+            mean_loss = torch.stack(losses).mean()
+            if acc.num_processes > 1:
+                mean_loss = acc.reduce(mean_loss.to(acc.device), reduction="mean")
+            self.step += 1
+            self.elapsed = time.perf_counter() - t_start
+            self.history.append({"step": self.step, "loss": float(mean_loss), "lr": lr, "grad_norm": grad_norm,
+                                 "elapsed_s": round(self.elapsed, 3)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(mean_loss):.4f}")
+            if self.step % p.checkpoint_every == 0:
+                self.save_checkpoint()
+                last_saved = self.step
+        bar.close()
+        if self.step != last_saved or not (self.ckpt_dir / "latest").is_file():
+            self.save_checkpoint()
+        acc.wait_for_everyone()
+        return self.history
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _image_hw(self) -> tuple[int, int]:
+        if self.p.world == "embedded":
+            return tuple(self.policy.latent_shape[1:])
+        return (self.policy.height, self.policy.width)
+
+    def _counter(self):
+        """fn(images, rows) -> found counts (int array) or None when no detector is configured (sd3 without server)."""
+        if self.p.world == "embedded":
+            from .rewards.detector import ShapeCounter
+            from .scenes import row_target
+            counter = ShapeCounter()
+
+            def count(images, rows):
+                targets = [row_target(r) for r in rows]
+                return counter.count(images, [c for c, _ in targets], [n for _, n in targets])
+            return count
+        if self.p.reward_server_url:
+            from .server import RemoteCountingReward
+            remote = RemoteCountingReward(self.p.reward_server_url)
+
+            def count(images, rows):
+                return np.asarray(remote(images, [r["prompt"] for r in rows], list(rows))[1]["count"], np.int64)
+            return count
+        return None
+
+    @torch.no_grad()
+    def evaluate(self, tag: str):
+        """ODE samples of the eval prompts (seeds keyed on prompt and image index, so ``before`` and ``after``
+        draw from the same noise), their found counts, and the per-image table (a pandas DataFrame).
+
+        ``before`` runs inside ``policy.reference()`` (LoRA off: exactly the base); ``after`` with the LoRA.
+        Written to ``eval_<tag>.csv`` and ``eval_<tag>_images.npz``; a resumed run reuses ``before``.
+        """
+        import pandas as pd
+
+        from .rollout import sample_for_rows
+
+        if tag not in ("before", "after"):
+            raise ValueError(f"tag={tag!r} is not one of ('before', 'after')")
+        p, acc = self.p, self.acc
+        csv_path, npz_path = self.out / f"eval_{tag}.csv", self.out / f"eval_{tag}_images.npz"
+        if tag == "before" and p.resume and csv_path.is_file() and npz_path.is_file():
+            df = pd.read_csv(csv_path)
+            self.results[tag] = (df, np.load(npz_path)["images"])
+            self._log("reusing the 'before' evaluation of the interrupted run")
+            return df
+        # prompts are split over processes; image k of a prompt always starts from eval_seed(seed, prompt, k)
+        mine = list(range(acc.process_index, len(self.eval_rows), acc.num_processes))
+        count = self._counter()
+        records, images = [], np.zeros((0, *self._image_hw(), 3), np.uint8)
+        t0 = time.perf_counter()
+        if mine:
+            rows = [self.eval_rows[i] for i in mine]
+            with self.policy.reference() if tag == "before" else contextlib.nullcontext():
+                images, flat = sample_for_rows(self.policy, rows, images_per_prompt=p.eval_images_per_prompt,
+                                               num_steps=p.eval_num_steps, shift=p.eval_shift,
+                                               guidance_scale=p.eval_guidance_scale, seed=p.seed,
+                                               batch_size=p.eval_batch_size, progress=p.progress)
+            found = count(images, flat) if count is not None else [None] * len(flat)
+            k = p.eval_images_per_prompt
+            for q, (r, f) in enumerate(zip(flat, found)):
+                n = int(r["include"][0]["count"])
+                records.append({"prompt_index": mine[q // k], "image_index": q % k, "prompt": r["prompt"],
+                                "class": r["include"][0]["class"], "count": n,
+                                "found": None if f is None else int(f),
+                                "correct": None if f is None else bool(int(f) == n)})
+        if acc.num_processes > 1:
+            records = sum(acc.gather_for_metrics([records], use_gather_object=True), [])
+            images = np.concatenate(acc.gather_for_metrics([images], use_gather_object=True))
+        order = sorted(range(len(records)), key=lambda q: (records[q]["prompt_index"], records[q]["image_index"]))
+        df = pd.DataFrame([records[q] for q in order])
+        images = images[order]
+        df.attrs["seconds"] = time.perf_counter() - t0
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            df.to_csv(csv_path, index=False)
+            np.savez_compressed(npz_path, images=images)
+        self.results[tag] = (df, images)
+        return df
+
+    def accuracy_table(self):
+        """Exact-count accuracy per requested count, before and after, with 95 % Wilson intervals."""
+        from .evaluate import per_count_accuracy
+
+        tables = {}
+        for tag in ("before", "after"):
+            if tag not in self.results:
+                raise ValueError(f"accuracy_table: evaluate({tag!r}) has not run")
+            df = self.results[tag][0]
+            if df["found"].isna().any():
+                return None            # no detector (sd3 without reward_server_url): no accuracy
+            tables[tag] = per_count_accuracy(df["count"].to_numpy(), df["found"].to_numpy())
+        table = tables["before"].merge(tables["after"], on="count", suffixes=("_before", "_after"))
+        table["delta"] = table["accuracy_after"] - table["accuracy_before"]
+        if self.acc.is_main_process:
+            table.to_csv(self.out / "accuracy_before_after.csv", index=False)
+        return table
+
+    def grid(self, path: str | Path | None = None) -> Path:
+        """PNG: for one eval prompt per count (rows), its images before (left) and after (right), same seeds."""
+        from .evaluate import save_image_grid
+
+        for tag in ("before", "after"):
+            if tag not in self.results:
+                raise ValueError(f"grid: evaluate({tag!r}) has not run")
+        df_b, im_b = self.results["before"]
+        _, im_a = self.results["after"]
+        first = df_b.groupby("count")["prompt_index"].min()
+        sel = [np.flatnonzero(df_b["prompt_index"].to_numpy() == i) for i in first.to_numpy()]   # one row per count
+        k = self.p.eval_images_per_prompt
+        cells = np.stack([np.concatenate([im_b[s], im_a[s]]) for s in sel])         # (rows, 2k, H, W, 3)
+        labels = [f"{n}: {df_b['prompt'].iloc[s[0]]}" for n, s in zip(first.index, sel)]
+        found_b = df_b["found"].to_numpy()
+        found_a = self.results["after"][0]["found"].to_numpy()
+        captions = [[_fmt_count(found_b[i]) for i in s] + [_fmt_count(found_a[i]) for i in s] for s in sel]
+        path = Path(path) if path is not None else self.out / "grid_before_after.png"
+        save_image_grid(cells, path, row_labels=labels, captions=captions,
+                        title=f"before (left {k}) | after cold start (right {k}); number = objects found")
+        return path
+
+    # -- the end ------------------------------------------------------------------------------
+    def plot_loss(self, path: str | Path | None = None) -> Path:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import pandas as pd
+
+        df = pd.DataFrame(self.history)
+        path = Path(path) if path is not None else self.out / "loss.png"
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        if len(df):
+            ax.plot(df["step"], df["loss"], lw=0.6, alpha=0.4, label="per step")
+            w = max(1, len(df) // 20)
+            ax.plot(df["step"], df["loss"].rolling(w, min_periods=1).mean(), lw=1.5, label=f"mean of {w}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("flow-matching loss")
+        ax.set_title("cold start: LoRA flow matching on exact-count data")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def write_loss_csv(self) -> Path:
+        import pandas as pd
+        path = self.out / "loss.csv"
+        tmp = path.with_name("loss.csv.tmp")
+        pd.DataFrame(self.history, columns=["step", "loss", "lr", "grad_norm", "elapsed_s"]).to_csv(tmp, index=False)
+        tmp.replace(path)
+        return path
+
+    def finish(self) -> dict:
+        """Save the LoRA to ``lora/`` and (``save_merged``) the merged base to ``merged/``; write ``summary.json``.
+
+        The merge is checked: the merged model's velocity on a probe batch must equal the LoRA model's
+        (max abs difference recorded; above 1e-3 relative to the velocity scale is an error).
+        """
+        p, acc = self.p, self.acc
+        summary: dict[str, Any] = {"steps": self.step, "train_minutes": round(self.elapsed / 60, 2),
+                                   "samples_seen": self.step * p.grad_accum * p.batch_size * acc.num_processes}
+        if self.history:
+            tail = self.history[-max(1, len(self.history) // 10):]
+            summary["first_loss"] = self.history[0]["loss"]
+            summary["final_loss_mean_last_10pct"] = float(np.mean([h["loss"] for h in tail]))
+        for tag in ("before", "after"):
+            if tag in self.results and self.results[tag][0]["found"].notna().all() and len(self.results[tag][0]):
+                summary[f"accuracy_{tag}"] = float(self.results[tag][0]["correct"].astype(float).mean())
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            atomic_save_dir(lambda d: self.policy.save_lora(d), self.out / "lora")
+            summary["lora"] = str(self.out / "lora")
+            if p.save_merged:
+                x, t, cond = self._probe()
+                with torch.no_grad():
+                    v_lora = self.policy.velocity(x, t, cond, 1.0).float()
+                    self.policy.merge_lora(new_adapter=False)
+                    v_merged = self.policy.velocity(x, t, cond, 1.0).float()
+                diff = float((v_lora - v_merged).abs().max())
+                scale = float(v_lora.abs().max())
+                summary["merge_max_abs_diff"] = diff
+                if not diff <= 1e-3 * max(scale, 1.0):
+                    raise ValueError(f"merged model differs from the LoRA model by {diff:.3g} (velocity scale "
+                                     f"{scale:.3g}); not saving merged/")
+                atomic_save_dir(lambda d: self.policy.save_pretrained(d), self.out / "merged")
+                summary["merged"] = str(self.out / "merged")
+                self.params_list = []     # the adapter is gone; the policy is now the merged base
+            self.write_loss_csv()
+            self.plot_loss()
+            summary["params"] = _params_dict(p)
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
+        acc.wait_for_everyone()
+        return summary
+
+    def _probe(self):
+        g = torch.Generator().manual_seed(sample_seed(self.p.seed, 0, 0, "cold_start_probe"))
+        x = torch.randn((2, *self.policy.latent_shape), generator=g).to(self.policy.device)
+        prompts = [r["prompt"] for r in self.eval_rows[:2]] or ["a photo of two red circles"] * 2
+        prompts = (prompts * 2)[:2]
+        t = torch.tensor([0.3, 0.8], device=self.policy.device)
+        return x, t, self.policy.encode(prompts)
+
+    def _log(self, msg: str) -> None:
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "events.log", "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+            print(f"[cold_start] {msg}", flush=True)
+
+
+def _fmt_count(v) -> str:
+    """A found count for a grid caption; "" when no detector counted (None / NaN)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return str(int(v))
+
+
+def _params_dict(p: ColdStartParams) -> dict:
+    from .params import to_dict
+    return to_dict(p)
+
+
+def run(params: ColdStartParams, **kwargs) -> dict:
+    """The whole stage: before-eval, training, after-eval, table, grid, LoRA + merged save."""
+    cs = ColdStart(params, **kwargs)
+    if cs.eval_rows:
+        cs.evaluate("before")
+    cs.train()
+    if cs.eval_rows:
+        cs.evaluate("after")
+        if cs.acc.is_main_process:
+            cs.accuracy_table()
+            cs.grid()
+    summary = cs.finish()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .params import load_params
+
+    ap = argparse.ArgumentParser(description="Cold start: LoRA flow-matching finetuning on exact-count data")
+    ap.add_argument("params", help="params/01_cold_start__<experiment>.yaml")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
+                    help="override fields, e.g. --set steps=50 run_dir=runs/x")
+    args = ap.parse_args(argv)
+    import yaml
+
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k] = yaml.safe_load(v)
+    params = load_params(args.params, ColdStartParams, **overrides)
+    summary = run(params)
+    print(json.dumps({k: v for k, v in summary.items() if k != "params"}, indent=1))
+    gc.collect()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

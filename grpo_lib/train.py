@@ -208,8 +208,8 @@ class GRPOTrainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         embedded = params.world == "embedded"
         self.train_rows = scenes.load_rows(params.train_prompts, embedded=embedded)
-        self.eval_rows = scenes.load_rows(params.eval_prompts, embedded=embedded)[: params.eval_max_prompts] \
-            if params.eval_prompts else []
+        self.eval_rows = spread_subset(scenes.load_rows(params.eval_prompts, embedded=embedded),
+                                       params.eval_max_prompts) if params.eval_prompts else []
         self.policy = policy if policy is not None else load_policy_for(params, self.acc.device)
         if reward_fn is None:
             reward_fn = build_reward_for(params)
@@ -630,6 +630,14 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def spread_subset(rows: list[dict], n: int) -> list[dict]:
+    """``n`` rows spread evenly over the file (prompt files are sorted by count: a prefix would
+    hold only the smallest counts); all rows when ``n`` is 0 or at least their number."""
+    if n <= 0 or n >= len(rows):
+        return list(rows)
+    return [rows[i] for i in np.linspace(0, len(rows) - 1, n).round().astype(int)]
 
 
 def hash_row(row: dict, i: int) -> int:

@@ -17,10 +17,12 @@ metadata row ``{"tag", "include": [{"class": c, "count": N}], "exclude": [...]}`
 | ``strict_rewards``     | strict | 1.0 / 0.0                                                        |
 | ``rewards``            | correct| 1.0 / 0.0; all 0.0 when ``only_strict`` (upstream skips the check) |
 
-For counting rows (one include clause, exclude = N + 1) ``strict == correct``. The in-process reward
-clips the partial score at 0: ``partial = max(0, score)`` (exact for one include clause, which is
-every row of the embedded world); ``RemoteCountingReward(reward="partial")`` applies that same clip
-to the server's ``scores``, so remote and in-process rewards agree bit for bit.
+For counting rows (one include clause, exclude = N + 1) ``strict == correct``. Mapping to the
+in-process rewards (``grpo_lib.rewards``): ``counting_strict = strict_rewards`` and
+``counting_partial = max(0, scores)`` (exact for one include clause, which is every row the
+in-process rewards accept); ``RemoteCountingReward(reward="partial")`` applies that same clip to the
+server's ``scores``, so remote and in-process rewards agree bit for bit. A clause with N = 0 (which
+upstream would divide by) gets the in-process rule, term = 1[n_c == 0].
 
 Wire format (no pickle anywhere):
 
@@ -208,7 +210,8 @@ def geneval_judge(detections: Sequence[Detection], row: dict, *, only_strict: bo
     """GenEval's ``evaluate_reward`` (score, strict) and ``evaluate`` (correct) on one image.
 
     n_c = min(#{d : d.cls == c, d.score > tau}, M) with tau = ``counting_threshold`` for counting
-    rows else ``threshold``; score = mean over include clauses of 1 - |N - n_c| / N (unclipped);
+    rows else ``threshold``; score = mean over include clauses of 1 - |N - n_c| / N (unclipped;
+    1[n_c == 0] for N = 0);
     strict = all n_c == N; correct = all n_c >= N and, for excludes, n_c < K (False if only_strict).
     """
     tau = counting_threshold if row["tag"] == "counting" else threshold
@@ -218,7 +221,9 @@ def geneval_judge(detections: Sequence[Detection], row: dict, *, only_strict: bo
             counts[d.cls] = counts.get(d.cls, 0) + 1
     # the top-M cut of upstream (sorted by score) only matters through the number kept
     n = {c: min(counts.get(c, 0), max_objects) for c in _row_classes(row)}
-    terms = [1.0 - abs(req["count"] - n[req["class"]]) / req["count"] for req in row["include"]]
+    # N = 0: upstream divides by zero; the in-process rule 1[n == 0] (grpo_lib.rewards.counting)
+    terms = [1.0 - abs(req["count"] - n[req["class"]]) / req["count"] if req["count"] > 0
+             else float(n[req["class"]] == 0) for req in row["include"]]
     strict = all(n[req["class"]] == req["count"] for req in row["include"])
     if only_strict:
         correct = False
@@ -299,8 +304,9 @@ def validate_row(i: int, row: Any) -> dict:
             c, k = req.get("class"), req.get("count")
             if not isinstance(c, str) or not c.strip():
                 raise bad(f"{kind}[{j}].class={c!r} must be a non-empty string")
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise bad(f"{kind}[{j}].count={k!r} must be an integer >= 1 (the partial score divides by it)")
+            lo = 0 if kind == "include" else 1       # "fewer than 0" could never hold
+            if isinstance(k, bool) or not isinstance(k, int) or k < lo:
+                raise bad(f"{kind}[{j}].count={k!r} must be an integer >= {lo}")
     return row
 
 
@@ -544,8 +550,8 @@ _RETRYABLE = (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeo
 class RemoteCountingReward:
     """Reward contract over HTTP: ``fn(images uint8 (B, H, W, 3), prompts, metadata) -> (rewards (B,), info)``.
 
-    rewards = strict_rewards                  (``reward="strict"``)
-            = max(0, scores)                  (``reward="partial"``, the in-process clip)
+    rewards = strict_rewards                  (``reward="strict"``,  == counting_strict)
+            = max(0, scores)                  (``reward="partial"``, == counting_partial)
 
     | arg          | meaning                                                                  |
     |--------------|--------------------------------------------------------------------------|
@@ -557,8 +563,10 @@ class RemoteCountingReward:
 
     Worst case before it raises: (retries + 1) * timeout + sum of the waits. It never makes up
     a reward: any failure raises ``RewardServerError`` naming the URL and the cause.
-    ``info``: ``count`` (n_c of the first include class, int64), ``strict``, ``partial`` (clipped),
-    ``score`` (upstream's unclipped partial), ``correct`` (GenEval rule; 0 when ``only_strict``).
+    ``info`` (arrays (B,), keys and dtypes as the in-process ``measure_counting``): ``target`` N,
+    ``count`` n (int64), ``error`` n - N, ``correct`` 1[n == N]; plus ``partial`` (clipped),
+    ``score`` (upstream's unclipped partial) and ``geneval_correct`` (GenEval's rule; 0 when
+    ``only_strict``, as upstream). Metadata rows must be counting rows (one include clause).
     """
 
     def __init__(self, url: str = f"http://127.0.0.1:{DEFAULT_PORT}", *, reward: str = "strict",
@@ -634,28 +642,39 @@ class RemoteCountingReward:
         if not len(prompts) == len(metadata) == len(images):
             raise ValueError(f"len(images)={len(images)}, len(prompts)={len(prompts)}, "
                              f"len(metadata)={len(metadata)} must agree")
-        scores, strict, correct, count = [], [], [], []
+        targets = []
+        for i, (p, row) in enumerate(zip(prompts, metadata)):
+            inc = row.get("include") if isinstance(row, dict) else None
+            if not isinstance(inc, list) or len(inc) != 1 or not isinstance(inc[0], dict):
+                raise ValueError(f"metadata[{i}] needs exactly one 'include' clause {{'class', 'count'}} "
+                                 f"(a counting row), got {row!r}")
+            if "prompt" in row and row["prompt"] != p:   # a shuffled batch would reward the wrong target
+                raise ValueError(f"prompts[{i}]={p!r} differs from metadata[{i}]['prompt']={row['prompt']!r}")
+            targets.append(inc[0].get("count"))
+        scores, strict, geneval_correct, count = [], [], [], []
         for s in range(0, len(images), self.batch_size):
             rows = list(metadata[s:s + self.batch_size])
             out = self.score(images[s:s + self.batch_size], rows)
             scores += out["scores"]
             strict += out["strict_rewards"]
-            correct += out["rewards"]
+            geneval_correct += out["rewards"]
             for row, c in zip(rows, out["counts"]):
                 cls = row["include"][0]["class"]
-                if not isinstance(c, dict) or cls not in c:
+                if not isinstance(c, dict) or not isinstance(c.get(cls), int):
                     raise RewardServerError(f"reward server {self.url} gave no count for class {cls!r}: {c!r}")
                 count.append(c[cls])
         score = np.asarray(scores, dtype=np.float64)
         if not np.all(np.isfinite(score)):
             raise RewardServerError(f"reward server {self.url} answered non-finite scores {scores}")
-        partial = np.maximum(score, 0.0)       # the in-process clip of 1 - |N - n| / N
-        info = {"count": np.asarray(count, dtype=np.int64),
-                "strict": np.asarray(strict, dtype=np.float32),
-                "partial": partial.astype(np.float32),
-                "score": score.astype(np.float32),
-                "correct": np.asarray(correct, dtype=np.float32)}
-        rewards = info["strict"] if self.reward == "strict" else info["partial"]
+        target, n = np.asarray(targets, dtype=np.int64), np.asarray(count, dtype=np.int64)
+        info = {"target": target,                                    # same keys/dtypes as in-process
+                "count": n,
+                "error": n - target,
+                "correct": np.asarray(strict, dtype=np.float32),    # 1[n == N] (strict_rewards)
+                "partial": np.maximum(score, 0.0).astype(np.float32),   # the in-process clip
+                "score": score.astype(np.float32),                  # upstream's unclipped partial
+                "geneval_correct": np.asarray(geneval_correct, dtype=np.float32)}  # 0 if only_strict
+        rewards = info["correct"] if self.reward == "strict" else info["partial"]
         return rewards.copy(), info
 
 

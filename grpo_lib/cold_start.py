@@ -501,16 +501,15 @@ class ColdStart:
 
     def accuracy_table(self):
         """Exact-count accuracy per requested count, before and after, with 95 % Wilson intervals."""
-        from .evaluate import per_count_accuracy
-
-        tables = {}
         for tag in ("before", "after"):
             if tag not in self.results:
                 raise ValueError(f"accuracy_table: evaluate({tag!r}) has not run")
-            df = self.results[tag][0]
-            if df["found"].isna().any():
+            if self.results[tag][0]["found"].isna().any():
                 return None            # no detector (sd3 without reward_server_url): no accuracy
-            tables[tag] = per_count_accuracy(df["count"].to_numpy(), df["found"].to_numpy())
+        from .evaluate import per_count_accuracy
+
+        tables = {tag: per_count_accuracy(self.results[tag][0]["count"].to_numpy(),
+                                          self.results[tag][0]["found"].to_numpy()) for tag in ("before", "after")}
         table = tables["before"].merge(tables["after"], on="count", suffixes=("_before", "_after"))
         table["delta"] = table["accuracy_after"] - table["accuracy_before"]
         if self.acc.is_main_process:

@@ -113,3 +113,57 @@ def test_bad_params_name_the_value(tiny_base, tmp_path):
         ColdStartParams(caption_dropout=1.0)
     with pytest.raises(ValueError, match="resolution=64 but the embedded checkpoint"):
         ColdStart(_params(tiny_base, tmp_path, resolution=64))
+
+
+def _imagefolder(folder, n=6, size=64):
+    """A handful of rendered counting scenes written in the Hugging Face imagefolder layout."""
+    from PIL import Image
+
+    from grpo_lib.scenes import counting_row, render_scene
+
+    folder.mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        count, shape, color = 1 + i % 4, ("circle", "square")[i % 2], ("red", "blue", "green")[i % 3]
+        Image.fromarray(render_scene(count, shape, color, size=size, seed=i).image).save(folder / f"img_{i}.png")
+        row = counting_row(f"{color} {shape}", count)
+        lines.append(json.dumps({"file_name": f"img_{i}.png", **row}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_sd3_path_on_tiny_random_sd3_with_an_imagefolder(tiny_sd3_dir, tmp_path):
+    from grpo_lib.policies.sd3 import SD3Policy
+
+    folder = _imagefolder(tmp_path / "images")
+    p = load_params(dict(run_dir=str(tmp_path / "run"), world="sd3", model=str(tiny_sd3_dir), image_folder=str(folder),
+                         resolution=64, lora_rank=2, lora_alpha=4, steps=3, batch_size=2, grad_accum=2, lr=1e-2,
+                         timestep_shift=3.0, weighting="cosmap", checkpoint_every=2,
+                         eval_prompts="data/counting_coco/test.jsonl", eval_prompts_per_count=1,
+                         eval_images_per_prompt=1, eval_num_steps=2, eval_shift=3.0, progress=False),
+                    ColdStartParams)
+    cs = ColdStart(p)
+    assert cs.data.latents.shape == (6, 4, 16, 16)                  # VAE-encoded once, 64 px -> 16x16 latents
+    assert cs.policy.lora_config.r == 2 and cs.policy.lora_config.lora_alpha == 4
+    # epoch permutations: every image once per epoch, in a seeded order
+    _, prompts = cs.data(np.arange(6))
+    assert sorted(prompts) == sorted(cs.data.prompts)
+    before = cs.evaluate("before")
+    assert len(before) == 10 and before["found"].isna().all()       # no detector configured: counts are null
+    cs.train()
+    assert len(cs.history) == 3 and all(np.isfinite(h["loss"]) for h in cs.history)
+    cs.evaluate("after")
+    assert cs.accuracy_table() is None
+    x, t, cond = cs._probe()
+    with torch.no_grad():
+        v_trained = cs.policy.velocity(x, t, cond, 1.0)
+        with cs.policy.reference():
+            assert (cs.policy.velocity(x, t, cond, 1.0) - v_trained).abs().max() > 1e-4   # it trained
+    summary = cs.finish()
+    assert summary["merge_max_abs_diff"] < 1e-4 and "accuracy_before" not in summary
+    out = tmp_path / "run" / "cold_start"
+    for pol in (SD3Policy.from_pretrained(tiny_sd3_dir, height=64, width=64, lora_path=out / "lora"),
+                SD3Policy.from_pretrained(out / "merged", height=64, width=64, lora=False)):
+        with torch.no_grad():
+            torch.testing.assert_close(pol.velocity(x, t, pol.encode([r["prompt"] for r in cs.eval_rows[:2]]), 1.0),
+                                       v_trained, atol=1e-5, rtol=1e-4)

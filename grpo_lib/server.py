@@ -47,14 +47,13 @@ import http.client
 import io
 import json
 import logging
-import math
 import os
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
 

@@ -443,7 +443,7 @@ class GRPOTrainer:
 
     # -- evaluation and the quality guard -----------------------------------------------------
 
-    GUARD_KEYS = ("confidence", "shape_score", "background_fidelity", "area_ok")
+    GUARD_KEYS = ("confidence", "shape_match", "background_fidelity", "area_quality")
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:

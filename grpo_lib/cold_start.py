@@ -424,25 +424,24 @@ class ColdStart:
             return tuple(self.policy.latent_shape[1:])
         return (self.policy.height, self.policy.width)
 
-    def _counter(self):
-        """fn(images, rows) -> found counts (int array) or None when no detector is configured (sd3 without server)."""
-        if self.p.world == "embedded":
-            from .rewards.detector import ShapeCounter
-            from .scenes import row_target
-            counter = ShapeCounter()
+    def _per_image_table(self, images: np.ndarray, rows: list[dict]):
+        """The evaluation module's per-image table (target, found, correct, ...). Embedded: ShapeCounter via
+        ``evaluate.per_image_table`` (the reward's own measurement); sd3: the counting server's counts, or
+        ``found`` = None when no server is configured."""
+        import pandas as pd
 
-            def count(images, rows):
-                targets = [row_target(r) for r in rows]
-                return counter.count(images, [c for c, _ in targets], [n for _, n in targets])
-            return count
+        if self.p.world == "embedded":
+            from .evaluate import per_image_table
+            return per_image_table(images, rows)
+        targets = [int(r["include"][0]["count"]) for r in rows]
+        found: list = [None] * len(rows)
         if self.p.reward_server_url:
             from .server import RemoteCountingReward
-            remote = RemoteCountingReward(self.p.reward_server_url)
-
-            def count(images, rows):
-                return np.asarray(remote(images, [r["prompt"] for r in rows], list(rows))[1]["count"], np.int64)
-            return count
-        return None
+            info = RemoteCountingReward(self.p.reward_server_url)(images, [r["prompt"] for r in rows], list(rows))[1]
+            found = [int(f) for f in np.asarray(info["count"])]
+        return pd.DataFrame({"prompt": [r["prompt"] for r in rows], "class": [r["include"][0]["class"] for r in rows],
+                             "target": targets, "found": found,
+                             "correct": [None if f is None else f == n for f, n in zip(found, targets)]})
 
     @torch.no_grad()
     def evaluate(self, tag: str):
@@ -467,7 +466,6 @@ class ColdStart:
             return df
         # prompts are split over processes; image k of a prompt always starts from eval_seed(seed, prompt, k)
         mine = list(range(acc.process_index, len(self.eval_rows), acc.num_processes))
-        count = self._counter()
         records, images = [], np.zeros((0, *self._image_hw(), 3), np.uint8)
         t0 = time.perf_counter()
         if mine:
@@ -477,14 +475,11 @@ class ColdStart:
                                                num_steps=p.eval_num_steps, shift=p.eval_shift,
                                                guidance_scale=p.eval_guidance_scale, seed=p.seed,
                                                batch_size=p.eval_batch_size, progress=p.progress)
-            found = count(images, flat) if count is not None else [None] * len(flat)
+            table = self._per_image_table(images, flat)
             k = p.eval_images_per_prompt
-            for q, (r, f) in enumerate(zip(flat, found)):
-                n = int(r["include"][0]["count"])
-                records.append({"prompt_index": mine[q // k], "image_index": q % k, "prompt": r["prompt"],
-                                "class": r["include"][0]["class"], "count": n,
-                                "found": None if f is None else int(f),
-                                "correct": None if f is None else bool(int(f) == n)})
+            table.insert(0, "image_index", np.arange(len(flat)) % k)
+            table.insert(0, "prompt_index", [mine[q // k] for q in range(len(flat))])
+            records = table.to_dict("records")
         if acc.num_processes > 1:
             records = sum(acc.gather_for_metrics([records], use_gather_object=True), [])
             images = np.concatenate(acc.gather_for_metrics([images], use_gather_object=True))
@@ -500,18 +495,17 @@ class ColdStart:
         return df
 
     def accuracy_table(self):
-        """Exact-count accuracy per requested count, before and after, with 95 % Wilson intervals."""
+        """Exact-count accuracy per requested count (and ``all``), before and after, with 95 % Wilson
+        intervals (``evaluate.compare_stages``), plus ``delta`` = after - before; None without a detector."""
+        from .evaluate import compare_stages
+
         for tag in ("before", "after"):
             if tag not in self.results:
                 raise ValueError(f"accuracy_table: evaluate({tag!r}) has not run")
             if self.results[tag][0]["found"].isna().any():
                 return None            # no detector (sd3 without reward_server_url): no accuracy
-        from .evaluate import per_count_accuracy
-
-        tables = {tag: per_count_accuracy(self.results[tag][0]["count"].to_numpy(),
-                                          self.results[tag][0]["found"].to_numpy()) for tag in ("before", "after")}
-        table = tables["before"].merge(tables["after"], on="count", suffixes=("_before", "_after"))
-        table["delta"] = table["accuracy_after"] - table["accuracy_before"]
+        table = compare_stages({tag: self.results[tag][0] for tag in ("before", "after")})
+        table["delta"] = table["after_accuracy"] - table["before_accuracy"]
         if self.acc.is_main_process:
             table.to_csv(self.out / "accuracy_before_after.csv", index=False)
         return table
@@ -525,18 +519,32 @@ class ColdStart:
                 raise ValueError(f"grid: evaluate({tag!r}) has not run")
         df_b, im_b = self.results["before"]
         _, im_a = self.results["after"]
-        first = df_b.groupby("count")["prompt_index"].min()
+        first = df_b.groupby("target")["prompt_index"].min()
         sel = [np.flatnonzero(df_b["prompt_index"].to_numpy() == i) for i in first.to_numpy()]   # one row per count
         k = self.p.eval_images_per_prompt
         cells = np.stack([np.concatenate([im_b[s], im_a[s]]) for s in sel])         # (rows, 2k, H, W, 3)
         labels = [f"{n}: {df_b['prompt'].iloc[s[0]]}" for n, s in zip(first.index, sel)]
         found_b = df_b["found"].to_numpy()
         found_a = self.results["after"][0]["found"].to_numpy()
-        captions = [[_fmt_count(found_b[i]) for i in s] + [_fmt_count(found_a[i]) for i in s] for s in sel]
+        captions = [[f"before {_fmt_count(found_b[i])}" for i in s] + [f"after {_fmt_count(found_a[i])}" for i in s]
+                    for s in sel]
         path = Path(path) if path is not None else self.out / "grid_before_after.png"
         save_image_grid(cells, path, row_labels=labels, captions=captions,
-                        title=f"before (left {k}) | after cold start (right {k}); number = objects found")
+                        title=f"same seeds: base (left {k}) | after cold start (right {k}); caption = objects found")
         return path
+
+    def detections_grid(self, tag: str = "after", path: str | Path | None = None) -> Path:
+        """PNG of ``tag``'s images by requested count with ShapeCounter's detections boxed (embedded world)."""
+        from .evaluate import save_grid_png
+
+        if self.p.world != "embedded":
+            raise ValueError("detections_grid draws ShapeCounter boxes: embedded world only")
+        if tag not in self.results:
+            raise ValueError(f"detections_grid: evaluate({tag!r}) has not run")
+        df, images = self.results[tag]
+        path = Path(path) if path is not None else self.out / f"grid_{tag}_detections.png"
+        return save_grid_png(images, df, path, per_count=self.p.eval_images_per_prompt,
+                             title=f"{tag} cold start: found n / N (white boxes: counted objects)")
 
     # -- the end ------------------------------------------------------------------------------
     def plot_loss(self, path: str | Path | None = None) -> Path:
@@ -650,6 +658,8 @@ def run(params: ColdStartParams, **kwargs) -> dict:
         if cs.acc.is_main_process:
             cs.accuracy_table()
             cs.grid()
+            if params.world == "embedded":
+                cs.detections_grid("after")
     summary = cs.finish()
     return summary
 

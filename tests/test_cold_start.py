@@ -167,3 +167,33 @@ def test_sd3_path_on_tiny_random_sd3_with_an_imagefolder(tiny_sd3_dir, tmp_path)
         with torch.no_grad():
             torch.testing.assert_close(pol.velocity(x, t, pol.encode([r["prompt"] for r in cs.eval_rows[:2]]), 1.0),
                                        v_trained, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_notebook_smoke(run_notebook, repo):
+    import pandas as pd
+
+    from grpo_lib.policies.tiny import TinyPolicy
+
+    base = repo / "data" / "checkpoints" / "tiny-base"
+    executed, run_dir = run_notebook("01_cold_start")          # the shipped base, params/01_cold_start__smoke.yaml
+    out = run_dir / "cold_start"
+    nb = json.loads(executed.read_text())
+    assert nb["metadata"]["papermill"]["parameters"]["run_dir"] == str(run_dir)
+    loss = pd.read_csv(out / "loss.csv")
+    assert loss["step"].tolist() == [1, 2, 3, 4] and np.isfinite(loss["loss"]).all()
+    assert (out / "checkpoints" / "latest").read_text() == "step_000004"
+    table = pd.read_csv(out / "accuracy_before_after.csv")
+    assert table["count"].astype(str).tolist() == [str(n) for n in range(1, 11)] + ["all"]
+    assert (table["before_n"].iloc[:10] == 2).all() and table["after_n"].iloc[-1] == 20
+    for tag in ("before", "after"):
+        acc, lo, hi = table[f"{tag}_accuracy"], table[f"{tag}_ci_low"], table[f"{tag}_ci_high"]
+        assert ((lo <= acc) & (acc <= hi) & (0 <= lo) & (hi <= 1)).all()
+    before = pd.read_csv(out / "eval_before.csv")
+    assert table["before_accuracy"].iloc[-1] == pytest.approx(before["correct"].mean())
+    for png in ("grid_before_after.png", "grid_after_detections.png", "loss.png"):
+        assert (out / png).stat().st_size > 5000, png
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["merge_max_abs_diff"] < 1e-4
+    merged = TinyPolicy.from_pretrained(out / "merged")
+    assert merged.config == TinyPolicy.from_pretrained(base).config

@@ -340,7 +340,7 @@ class ShapeCounter:
         if shape == "circle":
             return aniso > 2.6 and ratio > 1.15
         if shape == "square":
-            return A >= 8 and aniso > 1.95 and ratio > 0.8
+            return A >= 8 and ((aniso > 2.3 and ratio > 0.8) or (aniso > 1.95 and ratio > 1.4))
         return ((A >= 5 and aniso > 4.3 and ratio > 1.0) or (A >= 7 and aniso > 2.6 and ratio > 1.0)
                 or (A >= 5 and aniso > 2.1 and ratio > 1.5))
 

@@ -1,0 +1,168 @@
+"""The counting experiment of notebook 02: GRPO from the cold-start model, then base -> cold start -> GRPO.
+
+``CountingExperiment(params)`` trains with :class:`grpo_lib.train.GRPOTrainer`, then evaluates each stage
+on the held-out prompts and on unseen counts (ODE, fixed seeds per (prompt, k), so every stage sees
+identical initial noise), with a quality guard: the detector's confidence, shape match, background
+fidelity and object-area quality of each stage's images against the renderer's own images of the same
+prompts. A reward bought with degenerate pictures shows there, not only in the grids.
+
+| stage        | weights                                                                       |
+|--------------|-------------------------------------------------------------------------------|
+| ``base``     | ``params.model`` (the shipped base)                                           |
+| ``cold_start``| base + ``params.cold_start_lora`` merged (absent when it is "")              |
+| ``grpo``     | cold start + the GRPO LoRA of the best checkpoint that passed the guard (EMA)  |
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from grpo_lib.train import GRPOParams, GRPOTrainer, spread_subset
+
+QUALITY_KEYS = ("confidence", "shape_match", "background_fidelity", "area_quality")
+
+
+class CountingExperiment:
+    def __init__(self, params: GRPOParams, *, reward_fn=None):
+        if params.world != "embedded":
+            raise ValueError(f"CountingExperiment evaluates the embedded world; world={params.world!r} "
+                             "(GPU runs: python -m grpo_lib.train / accelerate launch)")
+        self.p = params
+        self.run_dir = Path(params.run_dir)
+        self.out = self.run_dir / "grpo"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.reward_fn = reward_fn
+        self.trainer: GRPOTrainer | None = None
+        self.tables: dict[str, dict[str, pd.DataFrame]] = {}    # set -> stage -> per-image table
+        self.images: dict[str, dict[str, np.ndarray]] = {}
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train(self) -> pd.DataFrame:
+        self.trainer = GRPOTrainer(self.p, reward_fn=self.reward_fn)
+        try:
+            self.trainer.fit()
+        finally:
+            self.trainer.close()
+        return pd.DataFrame(self.trainer.history)
+
+    def best_checkpoint(self) -> Path | None:
+        """The checkpoint kept for evaluation: best held-out reward among those that passed the guard,
+        else the last one."""
+        ck = self.run_dir / "checkpoints"
+        for name in ("best", "latest"):
+            if (ck / name).is_file():
+                return ck / (ck / name).read_text().strip()
+        return None
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def stage_policy(self, stage: str):
+        from grpo_lib.policies.tiny import TinyPolicy
+
+        p = self.p
+        policy = TinyPolicy.from_pretrained(p.model, convention=p.convention)
+        if stage == "base":
+            return policy
+        if p.cold_start_lora:
+            policy.load_lora(p.cold_start_lora)
+            policy.merge_lora()
+        if stage == "cold_start":
+            return policy
+        if stage != "grpo":
+            raise ValueError(f"stage={stage!r} is not one of ('base', 'cold_start', 'grpo')")
+        ck = self.best_checkpoint()
+        if ck is None:
+            raise ValueError(f"no GRPO checkpoint under {self.run_dir / 'checkpoints'}: run train() first")
+        if p.trainable == "lora":
+            policy.load_lora(ck / "lora")
+            if p.ema_decay > 0:   # evaluate the EMA weights, as the trainer's evaluation does
+                state = torch.load(ck / "trainer_state.pt", weights_only=False, map_location="cpu")
+                if state.get("ema"):
+                    from grpo_lib.grpo import EMA
+                    ema = EMA(policy.trainable_parameters(), decay=p.ema_decay)
+                    ema.load_state_dict(state["ema"])
+                    ema.copy_to(policy.trainable_parameters())
+            policy.merge_lora()
+        else:
+            from grpo_lib.train import select_trainable
+            select_trainable(policy, p.trainable)
+            state = torch.load(ck / "trainer_state.pt", weights_only=False, map_location="cpu")
+            params = [q for q in policy.trainable_parameters() if q.requires_grad]
+            with torch.no_grad():
+                for q, v in zip(params, state["trainable"]):
+                    q.copy_(v)
+        return policy
+
+    def stages(self) -> list[str]:
+        return ["base"] + (["cold_start"] if self.p.cold_start_lora else []) + ["grpo"]
+
+    def rows(self, which: str) -> list[dict]:
+        from grpo_lib import scenes
+        path = {"test": self.p.eval_prompts, "unseen": self.p.unseen_prompts}[which]
+        return spread_subset(scenes.load_rows(path), self.p.final_max_prompts)
+
+    def evaluate(self, which: str = "test", stages: list[str] | None = None, progress: bool = True
+                 ) -> dict[str, pd.DataFrame]:
+        """Per-image tables for every stage (and the renderer) on one prompt set."""
+        from grpo_lib.evaluate import per_image_table
+        from grpo_lib.rollout import sample_for_rows
+        from grpo_lib.scenes import render_rows
+
+        p = self.p
+        rows = self.rows(which)
+        tables, images = {}, {}
+        for stage in stages or self.stages():
+            policy = self.stage_policy(stage)
+            img, flat = sample_for_rows(policy, rows, images_per_prompt=p.final_images_per_prompt,
+                                        num_steps=p.eval_num_steps, shift=p.shift,
+                                        guidance_scale=p.eval_guidance_scale, seed=p.seed, progress=progress)
+            tables[stage], images[stage] = per_image_table(img, flat), img
+            del policy
+        flat = [r for r in rows for _ in range(p.final_images_per_prompt)]
+        ren, _ = render_rows(flat, seed=p.seed)
+        tables["renderer"], images["renderer"] = per_image_table(ren, flat), ren
+        self.tables[which], self.images[which] = tables, images
+        for stage, t in tables.items():
+            t.to_csv(self.out / f"per_image_{which}_{stage}.csv", index=False)
+        return tables
+
+    # -- reports ------------------------------------------------------------------------------
+
+    def accuracy_table(self, which: str = "test") -> pd.DataFrame:
+        from grpo_lib.evaluate import compare_stages
+        tables = {k: v for k, v in self.tables[which].items() if k != "renderer"}
+        return compare_stages(tables)
+
+    def quality_guard(self, which: str = "test") -> pd.DataFrame:
+        """Mean quality measures per stage, their relative change against the renderer's images, and
+        against the stage GRPO started from (cold start, else base): the guard is that GRPO loses no
+        more than ``guard_max_drop`` (5 %) of any measure relative to its start."""
+        t = self.tables[which]
+        means = pd.DataFrame({s: {k: float(t[s][k].mean()) for k in QUALITY_KEYS if k in t[s]} for s in t}).T
+        out = means.copy()
+        for ref_name in ("renderer", self.stages()[-2]):
+            ref = means.loc[ref_name]
+            rel = (means - ref) / ref.abs().clip(lower=1e-8)
+            tag = "renderer" if ref_name == "renderer" else "start"
+            out = out.join(rel.add_suffix(f"_vs_{tag}"))
+            out[f"worst_drop_vs_{tag}"] = (-rel).max(axis=1).clip(lower=0.0)
+        out["guard_pass"] = out["worst_drop_vs_start"] <= self.p.guard_max_drop
+        return out
+
+    def write_summary(self) -> Path:
+        """summary.json: per-count accuracy with intervals per stage, on test and unseen counts, plus the guard."""
+        summary = {"params": {k: v for k, v in vars(self.p).items()}, "best_checkpoint":
+                   str(self.best_checkpoint()) if self.best_checkpoint() else None}
+        for which in self.tables:
+            acc = self.accuracy_table(which)
+            summary[which] = json.loads(acc.to_json(orient="records"))
+            summary[f"{which}_quality_guard"] = json.loads(self.quality_guard(which).reset_index()
+                                                          .rename(columns={"index": "stage"}).to_json(orient="records"))
+        path = self.run_dir / "summary.json"
+        path.write_text(json.dumps(summary, indent=1, default=str))
+        return path

@@ -1,0 +1,17 @@
+"""Notebook 02 end to end at smoke size: GRPO trains, every stage is evaluated, summary.json is written."""
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_counting_grpo_notebook_smoke(run_notebook):
+    executed, run_dir = run_notebook("02_counting_grpo")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    overall = next(r for r in summary["test"] if r["count"] == "all")
+    assert overall["base_n"] == overall["grpo_n"] == 10            # final_max_prompts x 1 image
+    assert 0.0 <= overall["grpo_accuracy"] <= 1.0
+    assert {r["stage"] for r in summary["test_quality_guard"]} == {"base", "grpo", "renderer"}
+    renderer = next(r for r in summary["test_quality_guard"] if r["stage"] == "renderer")
+    assert renderer["background_fidelity"] == 1.0
+    assert (run_dir / "metrics.csv").is_file() and (run_dir / "grpo" / "grid_grpo.png").is_file()

@@ -19,9 +19,10 @@ Data. Embedded world: ``scenes.ExactCountDataset`` renders, for each sample, a s
 count its prompt row asks for (``data/counting/train.jsonl``: counts 1-10, captions that always say the
 number, unlike the base's web captions). GPU world: a Hugging Face ``imagefolder`` directory with a
 ``metadata.jsonl`` (``policies.sd3.ImageFolderCountingDataset``), VAE-encoded once up front.
-Sample k of optimizer step s comes from a position keyed on (seed, s, micro-batch, process), and its
-noise / time / caption dropout from ``train.sample_seed`` of the same key, so a resumed run repeats an
-uninterrupted one exactly.
+Every sample has a global position (optimizer step, micro-batch, process, slot); its scene / image and
+its caption dropout, noise level and noise all come from generators keyed on (seed, position)
+(``train.sample_seed``). So batch 8 equals batch 4 accumulated twice, the same global batch split over
+processes trains alike, and a resumed run repeats an uninterrupted one exactly.
 
 Machinery: ``accelerate`` places the model (``Accelerator``), accumulates gradients
 (``accelerator.accumulate``), runs mixed precision (``mixed_precision``); gradients of the LoRA are
@@ -77,7 +78,7 @@ class ColdStartParams:
     convention: str = "noise_at_one"                   # embedded: time convention the policy runs in
     prompts: str = "data/counting/train.jsonl"         # embedded: rows whose exact-count scenes are rendered
     image_folder: str = ""                             # sd3: imagefolder dir with metadata.jsonl
-    resolution: int = 0                                # image size; 0 means the model's own (embedded: 32)
+    resolution: int = 0                                # image size; 0 means the default (embedded 32, sd3 512)
     lora_rank: int = 8                                 # LoRA r
     lora_alpha: int = 8                                # LoRA alpha (scale alpha / r)
     lr: float = 1e-3                                   # AdamW learning rate
@@ -179,12 +180,9 @@ def _build_policy(p: ColdStartParams, device) -> Any:
         policy.add_lora(lora)
         return policy
     from .policies.sd3 import SD3Policy
-    pipe_size = {}
-    if p.resolution:
-        pipe_size = {"height": p.resolution, "width": p.resolution}
-    policy = SD3Policy.from_pretrained(p.model, device=device, dtype=_DTYPES[p.mixed_precision], lora=lora,
-                                       **(pipe_size or {"height": 512, "width": 512}))
-    return policy
+    size = p.resolution or 512          # SD3.5-Medium's Flow-GRPO resolution
+    return SD3Policy.from_pretrained(p.model, device=device, dtype=_DTYPES[p.mixed_precision], lora=lora,
+                                     height=size, width=size)
 
 
 def denoiser(policy) -> torch.nn.Module:
@@ -233,8 +231,10 @@ class ImageFolderData:
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng(sample_seed(self.seed, epoch, 0, "cold_start_epoch"))
-                           .permutation(len(self))}
+            # a batch can straddle two epochs: keep the latest two permutations
+            self._perms = {e: v for e, v in self._perms.items() if e == epoch - 1}
+            self._perms[epoch] = np.random.default_rng(sample_seed(self.seed, epoch, 0, "cold_start_epoch")
+                                                       ).permutation(len(self))
         return self._perms[epoch]
 
     def __call__(self, positions: np.ndarray) -> tuple[torch.Tensor, list[str]]:

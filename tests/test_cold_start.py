@@ -146,8 +146,11 @@ def test_sd3_path_on_tiny_random_sd3_with_an_imagefolder(tiny_sd3_dir, tmp_path)
     assert cs.data.latents.shape == (6, 4, 16, 16)                  # VAE-encoded once, 64 px -> 16x16 latents
     assert cs.policy.lora_config.r == 2 and cs.policy.lora_config.lora_alpha == 4
     # epoch permutations: every image once per epoch, in a seeded order
-    _, prompts = cs.data(np.arange(6))
-    assert sorted(prompts) == sorted(cs.data.prompts)
+    for start in (0, 6, 3):                                         # epoch 0, epoch 1, straddling both
+        lat, prompts = cs.data(np.arange(start, start + 6))
+        assert lat.shape == (6, 4, 16, 16)
+        if start % 6 == 0:
+            assert sorted(prompts) == sorted(cs.data.prompts)
     before = cs.evaluate("before")
     assert len(before) == 10 and before["found"].isna().all()       # no detector configured: counts are null
     cs.train()

@@ -51,11 +51,18 @@ Pipeline per image (all images of a batch at once, numpy/scipy):
 | ``areas``              | soft area a (px), blur-invariant                                     |
 | ``A_ref``              | smallest renderable area for (shape, count), AREA_TABLE p1 x (HW/32^2) |
 | ``scores``             | GenEval-style confidence; counted iff > ``threshold`` (0.9)          |
+
+Measured (bench/detector.py, 18 classes x counts 1-20 x 10 scenes, seeds disjoint from the
+calibration): exact count 100 % on clean renders (3600/3600), 99.2 % on degraded ones (touching
+pairs + blur + noise + colour shift), 1467 / 687 images/s (clean / degraded, 32x32, one process).
+Known limits: the remaining errors are 1-3 px triangles in scenes of 16-20 objects blurred into
+their neighbours; a half-drawn object is split in two in ~2 % of cases (it can look like two small
+touching objects); the count ignores shape (a square asked as a circle counts -- ``shape_match``
+flags it, and the shaped reward acts on that).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -226,7 +233,6 @@ class ShapeCounter:
     min_completeness: float = 0.4
     max_objects: int = 50
     split: bool = True
-    _cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         if not 0.0 < self.threshold < 1.0:
@@ -330,9 +336,10 @@ class ShapeCounter:
         to 4.1); touching pairs measured 3.4+ (discs), 1.93+ (squares), 2.0+ (triangles, where the
         size ``ratio`` to the image's / renderer's typical object separates the rest). A pair is
         also larger than one typical object (``ratio`` >= 1.3 measured; >= 0.9 for the tiny squares
-        of 17-20-object scenes), which keeps a half-drawn
-        object -- elongated too, but small -- in one piece. Anything larger than 1.6x the largest
-        renderable object is several objects whatever its shape.
+        of 17-20-object scenes), which keeps a half-drawn object -- elongated too, but small -- in
+        one piece. Squares need aniso > 2.3 unless clearly large (ratio > 1.4): generated samples
+        draw squashed squares (aniso ~2, one object to a person). Anything larger than 1.6x the
+        largest renderable object is several objects whatever its shape.
         Thresholds from bench/detector.py's calibration sample (seeds disjoint from its test set).
         """
         if A > 1.6 * max_area and A >= 4:

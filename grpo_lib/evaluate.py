@@ -56,6 +56,8 @@ def wilson_interval(k, n, z: float = Z95):
         centre = (p + z * z / (2 * n)) / denom
         half = z / denom * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
         lo, hi = np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+        # exact ends (the formula gives 1 - 2e-16 at k = n): an interval must contain p
+        lo, hi = np.where(k == 0, 0.0, lo), np.where(k == n, 1.0, hi)
     lo, hi = np.where(n > 0, lo, np.nan), np.where(n > 0, hi, np.nan)
     return (float(lo), float(hi)) if lo.ndim == 0 else (lo, hi)
 
@@ -201,7 +203,7 @@ def plot_accuracy_per_count(per_count: pd.DataFrame | Mapping[str, pd.DataFrame]
         label = f"{name + ': ' if name else ''}all {k / m:.3f} [{lo:.3f}, {hi:.3f}], {m} images"
         x = df["count"].to_numpy(float) + (j - (len(series) - 1) / 2) * width
         acc = df["accuracy"].to_numpy(float)
-        yerr = np.stack([acc - df["ci_low"].to_numpy(float), df["ci_high"].to_numpy(float) - acc])
+        yerr = np.maximum(np.stack([acc - df["ci_low"].to_numpy(float), df["ci_high"].to_numpy(float) - acc]), 0.0)
         ax.errorbar(x, acc, yerr=yerr, fmt="o", capsize=3, ms=4, label=label)
     ax.set_xlabel("requested count N")
     ax.set_ylabel("exact-count accuracy")
@@ -240,11 +242,14 @@ def plot_confusion(table: pd.DataFrame, title: str = ""):
 
 
 def select_for_grid(table: pd.DataFrame, per_count: int = 4) -> np.ndarray:
-    """Indices of up to ``per_count`` images per requested count, ordered by count (first ones)."""
+    """Indices of up to ``per_count`` images per requested count, ordered by count, spread evenly over
+    that count's rows (prompt files group classes, so the first rows would all show one class)."""
     _require(table, ("target",))
     idx = []
     for c in sorted(table["target"].unique()):
-        idx += list(np.flatnonzero(table["target"].to_numpy() == c)[:per_count])
+        rows = np.flatnonzero(table["target"].to_numpy() == c)
+        take = np.unique(np.linspace(0, len(rows) - 1, min(per_count, len(rows))).round().astype(int))
+        idx += list(rows[take])
     return np.array(idx, np.int64)
 
 

@@ -14,13 +14,14 @@ from grpo_lib.scenes import counting_row, render_rows
 @pytest.mark.parametrize("k, n, expected", [
     (8, 10, (0.4902, 0.9433)),        # textbook example
     (0, 10, (0.0, 0.2775)),
-    (10, 10, (0.7225, 1.0)),
+    (10, 10, (0.7225, 1.0)),        # exactly 1 at k = n (the formula rounds to 1 - 2e-16)
     (50, 100, (0.4038, 0.5962)),
     (1, 1, (0.2065, 1.0)),
 ])
 def test_wilson_interval_known_values(k, n, expected):
     lo, hi = wilson_interval(k, n)
     assert lo == pytest.approx(expected[0], abs=1e-4) and hi == pytest.approx(expected[1], abs=1e-4)
+    assert lo <= k / n <= hi
 
 
 def test_wilson_interval_vectorised_and_bad_input():

@@ -20,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 # (notebook, params experiment) in execution order; later issues append their stages here.
 STAGES: list[tuple[str, str]] = [
     ("00_derivation_checks", "default"),
+    ("01_cold_start", "default"),
+    ("02_counting_grpo", "strict_first_50"),
+    ("03_evaluate", "default"),
 ]
 
 

@@ -103,6 +103,10 @@ class GRPOParams:
     progress: bool = True                                  # tqdm bars
 
     def __post_init__(self):
+        # paths may name the run's own directory, so one params file serves every run name:
+        # cold_start_lora: "{run_dir}/cold_start/lora"
+        for name in ("model", "cold_start_lora"):
+            setattr(self, name, getattr(self, name).replace("{run_dir}", self.run_dir))
         if self.world not in ("embedded", "sd3", "showo2"):
             raise ValueError(f"world={self.world!r} is not one of ('embedded', 'sd3', 'showo2')")
         if not (self.trainable in ("lora", "all") or self.trainable.startswith("pattern:")):

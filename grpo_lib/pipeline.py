@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel", default="python3", help="Jupyter kernel for papermill")
     ap.add_argument("--only", nargs="*", default=None, help="run only these notebooks (names)")
     args = ap.parse_args(argv)
+    # kernels inherit this: idle OpenMP threads sleep instead of spinning (2 shared cores)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     run_dir = REPO / "runs" / args.name
     run_dir.mkdir(parents=True, exist_ok=True)
     timings = {}

@@ -9,7 +9,7 @@ def test_counting_grpo_notebook_smoke(run_notebook):
     executed, run_dir = run_notebook("02_counting_grpo")
     summary = json.loads((run_dir / "summary.json").read_text())
     overall = next(r for r in summary["test"] if r["count"] == "all")
-    assert overall["base_n"] == overall["grpo_n"] == 10            # final_max_prompts x 1 image
+    assert overall["base_n"] == overall["grpo_n"] == 5             # final_max_prompts x 1 image
     assert 0.0 <= overall["grpo_accuracy"] <= 1.0
     assert {r["stage"] for r in summary["test_quality_guard"]} == {"base", "grpo", "renderer"}
     renderer = next(r for r in summary["test_quality_guard"] if r["stage"] == "renderer")

@@ -121,6 +121,18 @@ def load_params(source: str | Path | Mapping[str, Any] | None, schema: type | No
     return schema(**values)
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["num_epochs=2", "run_dir=runs/x"]`` (a script's ``--set``) -> ``{"num_epochs": 2, "run_dir": "runs/x"}``;
+    values are parsed as YAML, so numbers, booleans and mappings keep their types."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
 def to_dict(params) -> dict[str, Any]:
     """Plain dict of a params dataclass (for logging, JSON and papermill)."""
     return json.loads(json.dumps(dataclasses.asdict(params), default=list))

@@ -721,20 +721,14 @@ def run(params: GRPOParams, **kwargs) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from grpo_lib.params import load_params
+    from grpo_lib.params import load_params, parse_overrides
 
     ap = argparse.ArgumentParser(description="Flow-GRPO training from a params YAML")
     ap.add_argument("params", help="params/02_counting_grpo__<experiment>.yaml")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
                     help="override fields, e.g. --set num_epochs=2 run_dir=runs/x")
     args = ap.parse_args(argv)
-    import yaml
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k] = yaml.safe_load(v)
+    overrides = parse_overrides(args.set)
     params = load_params(args.params, GRPOParams, **overrides)
     trainer = GRPOTrainer(params)
     try:

@@ -16,6 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (2 shared cores; oversubscribed threads stall each other)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def repo() -> Path:
     return REPO
 

@@ -14,12 +14,7 @@ from grpo_lib.params import load_params
 from grpo_lib.train import GRPOParams, run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # 2 shared cores: see conftest
 
 
 def green_reward(images, prompts, rows):

@@ -26,12 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHOWO2_CONVENTION_PARAMS = REPO / "params" / "02_counting_grpo__showo2_convention.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # 2 shared cores: see conftest
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from train_fixtures import brightness_reward, small_params, tiny_policy  # noqa:
 from grpo_lib.train import GRPOParams, GRPOTrainer, run  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # 2 shared cores: see conftest
 
 
 def _params_of(policy):

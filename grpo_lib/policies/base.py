@@ -116,6 +116,27 @@ def adapters_disabled(model) -> Iterator[None]:
         model.enable_adapters()
 
 
+def lora_config(lora, defaults: dict):
+    """The peft ``LoraConfig`` for ``lora``: None -> ``defaults``; a dict -> ``defaults`` updated by the dict
+    (keys must be ``LoraConfig`` fields); a ``LoraConfig`` -> itself. Each policy passes its own defaults."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    if isinstance(lora, LoraConfig):
+        return lora
+    if lora is None:
+        lora = {}
+    if not isinstance(lora, dict):
+        raise ValueError(f"lora={lora!r} must be None (defaults {defaults}), a dict of LoraConfig fields "
+                         "or a peft LoraConfig")
+    valid = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = sorted(set(lora) - valid)
+    if unknown:
+        raise ValueError(f"lora has unknown LoraConfig key(s) {unknown}; valid keys are {sorted(valid)}")
+    return LoraConfig(**{**defaults, **lora})
+
+
 def images_to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounding like diffusers' image processor."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .base import Cond, adapters_disabled, apply_cfg, images_to_uint8
+from .base import lora_config as _base_lora_config
 
 # The LoRA that GRPO trains always carries this peft adapter name, so saving, loading, merging and
 # disabling never have to guess which adapter is meant.
@@ -53,23 +54,11 @@ DEFAULT_LORA = {"r": 32, "lora_alpha": 64, "init_lora_weights": "gaussian",
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights file name
 
 
-def lora_config(lora: Any = None):
-    """The peft ``LoraConfig`` for ``lora``: None -> upstream defaults, a dict -> defaults updated
-    by the dict (keys must be ``LoraConfig`` fields), a ``LoraConfig`` -> itself."""
-    from peft import LoraConfig
 
-    if isinstance(lora, LoraConfig):
-        return lora
-    if lora is None:
-        lora = {}
-    if not isinstance(lora, dict):
-        raise ValueError(f"lora={lora!r} must be None (upstream defaults r=32, alpha=64), a dict of LoraConfig "
-                         "fields, a peft LoraConfig, or False (no adapter)")
-    valid = {f.name for f in dataclasses.fields(LoraConfig)}
-    unknown = sorted(set(lora) - valid)
-    if unknown:
-        raise ValueError(f"lora has unknown LoraConfig key(s) {unknown}; valid keys are {sorted(valid)}")
-    return LoraConfig(**{**DEFAULT_LORA, **lora})
+
+def lora_config(lora: Any = None):
+    """This policy's LoRA config: ``base.lora_config`` with ``DEFAULT_LORA``."""
+    return _base_lora_config(lora, DEFAULT_LORA)
 
 
 def _check_prompts(prompts) -> list[str]:

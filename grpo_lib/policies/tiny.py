@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .base import Cond, adapters_disabled, apply_cfg, check_convention, images_to_uint8
+from .base import lora_config as _base_lora_config
 
 ADAPTER_NAME = "default"
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
@@ -186,21 +187,8 @@ class TinyTextEncoder(nn.Module):
 
 # ------------------------------------------------------------------------------------------ policy
 def lora_config(lora: Any = None):
-    """The peft ``LoraConfig``: None -> ``DEFAULT_LORA``; a dict updates the defaults; a LoraConfig is kept."""
-    from peft import LoraConfig
-
-    if isinstance(lora, LoraConfig):
-        return lora
-    if lora is None:
-        lora = {}
-    if not isinstance(lora, dict):
-        raise ValueError(f"lora={lora!r} must be None (defaults {DEFAULT_LORA}), a dict of LoraConfig fields "
-                         "or a peft LoraConfig")
-    valid = {f.name for f in dataclasses.fields(LoraConfig)}
-    unknown = sorted(set(lora) - valid)
-    if unknown:
-        raise ValueError(f"lora has unknown LoraConfig key(s) {unknown}; valid keys are {sorted(valid)}")
-    return LoraConfig(**{**DEFAULT_LORA, **lora})
+    """This policy's LoRA config: ``base.lora_config`` with ``DEFAULT_LORA``."""
+    return _base_lora_config(lora, DEFAULT_LORA)
 
 
 def build_unet(cfg: TinyConfig):

@@ -180,3 +180,24 @@ def test_notebook_smoke_stores_widget_state_with_the_images(run_notebook):
     assert len(views) == 1 and views[0]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"] in state
     res = json.loads((run_dir / "preview" / "results.json").read_text())
     assert res["target"] == {"class": "blue square", "count": 3} and len(res["grids"][BASE_CHECKPOINT]["found"]) == 2
+
+
+def test_recipe_merges_before_attaching(lora_dir):
+    """A GRPO recipe folds the cold-start LoRA in first: merged == attached (same velocity), and the LoRA on
+    top of it is a second, separate adapter."""
+    from grpo_lib.widgets import load_policy
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.7, 0.3])
+
+    def v(policy):
+        with torch.no_grad():
+            return policy.velocity(x, t, policy.encode(["two red circles", "five blue squares"]), 1.0)
+
+    merged, attached = load_policy(Recipe(base=BASE, merges=(lora_dir,))), load_policy(Recipe(base=BASE, lora=lora_dir))
+    base = load_policy(Recipe(base=BASE))
+    assert not merged.has_lora and attached.has_lora
+    torch.testing.assert_close(v(merged), v(attached), atol=1e-4, rtol=1e-4)
+    assert (v(merged) - v(base)).abs().max() > 1e-2
+    both = load_policy(Recipe(base=BASE, merges=(lora_dir,), lora=lora_dir))
+    assert both.has_lora and (v(both) - v(merged)).abs().max() > 1e-2

@@ -24,6 +24,7 @@ STAGES: list[tuple[str, str]] = [
     ("01_cold_start", "default"),
     ("02_counting_grpo", "strict_first_50"),
     ("03_evaluate", "default"),
+    ("04_inference_preview", "default"),
 ]
 
 
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         timings[notebook] = round(time.perf_counter() - t0, 1)
         print(f"[pipeline] {notebook} done in {timings[notebook]} s", flush=True)
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    from grpo_lib.report import write_report
+    print(f"[pipeline] report: {write_report(run_dir)}")
     print(f"[pipeline] all stages done: {json.dumps(timings)}; see runs/{args.name}/")
     return 0
 

@@ -51,6 +51,7 @@ import gc
 import json
 import math
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -512,6 +513,8 @@ class ColdStart:
 
     def grid(self, path: str | Path | None = None) -> Path:
         """PNG: for one eval prompt per count (rows), its images before (left) and after (right), same seeds."""
+        import pandas as pd
+
         from .evaluate import save_image_grid
 
         for tag in ("before", "after"):
@@ -519,11 +522,14 @@ class ColdStart:
                 raise ValueError(f"grid: evaluate({tag!r}) has not run")
         df_b, im_b = self.results["before"]
         _, im_a = self.results["after"]
-        first = df_b.groupby("target")["prompt_index"].min()
+        # one prompt per count; the r-th count takes its (r mod m)-th prompt, so the rows show several classes
+        prompts_of = {n: sorted(g.unique()) for n, g in df_b.groupby("target")["prompt_index"]}
+        first = pd.Series({n: idx[r % len(idx)] for r, (n, idx) in enumerate(sorted(prompts_of.items()))})
         sel = [np.flatnonzero(df_b["prompt_index"].to_numpy() == i) for i in first.to_numpy()]   # one row per count
         k = self.p.eval_images_per_prompt
         cells = np.stack([np.concatenate([im_b[s], im_a[s]]) for s in sel])         # (rows, 2k, H, W, 3)
-        labels = [f"{n}: {df_b['prompt'].iloc[s[0]]}" for n, s in zip(first.index, sel)]
+        # wrapped: the grid leaves a fixed margin for row labels and the held-out template is long
+        labels = [textwrap.fill(f"{n}: {df_b['prompt'].iloc[s[0]]}", 30) for n, s in zip(first.index, sel)]
         found_b = df_b["found"].to_numpy()
         found_a = self.results["after"][0]["found"].to_numpy()
         captions = [[f"before {_fmt_count(found_b[i])}" for i in s] + [f"after {_fmt_count(found_a[i])}" for i in s]

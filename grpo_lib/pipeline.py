@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         export_html(executed)
         timings[notebook] = round(time.perf_counter() - t0, 1)
         print(f"[pipeline] {notebook} done in {timings[notebook]} s", flush=True)
-    (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    # --only reruns keep the other stages' timings
+    previous = json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").is_file() else {}
+    (run_dir / "timings.json").write_text(json.dumps({**previous, **timings}, indent=2))
     from grpo_lib.report import write_report
     print(f"[pipeline] report: {write_report(run_dir)}")
     print(f"[pipeline] all stages done: {json.dumps(timings)}; see runs/{args.name}/")

@@ -174,3 +174,15 @@ def test_bad_inputs(x):
         p.add_lora({"rank": 4})
     with pytest.raises(ValueError, match="no LoRA"):
         p.merge_lora()
+
+
+def test_load_lora_from_another_architecture_is_a_value_error(tmp_path):
+    import torch
+    from grpo_lib.policies.tiny import TinyConfig, TinyPolicy
+
+    small = TinyPolicy(TinyConfig(block_out_channels=(16, 32, 32), text_dim=32, text_layers=1), seed=0)
+    small.add_lora({"r": 4, "lora_alpha": 4})
+    small.save_lora(tmp_path / "lora")
+    other = TinyPolicy(TinyConfig(block_out_channels=(16, 32, 64), text_dim=32, text_layers=1), seed=0)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        other.load_lora(tmp_path / "lora")

@@ -419,7 +419,11 @@ class TinyPolicy(nn.Module):
             self.lora_config = None
         self.add_lora(LoraConfig(**cfg))
         state = load_file(str(directory / LORA_WEIGHTS), device=str(self.device))
-        res = set_peft_model_state_dict(self.unet, state, adapter_name=ADAPTER_NAME)
+        try:
+            res = set_peft_model_state_dict(self.unet, state, adapter_name=ADAPTER_NAME)
+        except RuntimeError as e:   # size mismatch: a LoRA saved from another architecture
+            raise ValueError(f"load_lora: {str(directory)!r} does not fit this model ({str(e).splitlines()[0]}); "
+                             "was it saved from another architecture?") from e
         unexpected = getattr(res, "unexpected_keys", [])
         if unexpected or len(state) != len(self._lora_parameters()):
             raise ValueError(f"load_lora: {str(directory)!r} holds {len(state)} tensors for "

@@ -143,6 +143,16 @@ def _extent(shape: str, r: float) -> float:
     return _EXTENT_FACTOR[shape] * r
 
 
+def check_scene_args(count, shape: str, color: str) -> None:
+    """ValueError naming the bad value unless (count, shape, color) is a scene this world can draw."""
+    if shape not in SHAPES:
+        raise ValueError(f"shape={shape!r} is not one of {SHAPES}")
+    if color not in COLORS:
+        raise ValueError(f"color={color!r} is not one of {list(COLORS)}")
+    if not isinstance(count, (int, np.integer)) or not 0 <= count <= MAX_COUNT:
+        raise ValueError(f"count={count!r} must be an int in 0..{MAX_COUNT}")
+
+
 def _place(count, shape, lo, hi, gap, size, rng, max_tries):
     """Sequential rejection sampling of (cx, cy, r) with bounding circles at least ``gap`` apart.
 
@@ -183,12 +193,7 @@ def render_scene(count: int, shape: str, color: str, *, size: int = 32, seed: in
     and placement restarts (so 20 objects fit at 32x32). Deterministic in ``seed``.
     ``background_noise`` is the std (in 0-255 units) of optional Gaussian pixel noise.
     """
-    if shape not in SHAPES:
-        raise ValueError(f"shape={shape!r} is not one of {SHAPES}")
-    if color not in COLORS:
-        raise ValueError(f"color={color!r} is not one of {list(COLORS)}")
-    if not isinstance(count, (int, np.integer)) or not 0 <= count <= MAX_COUNT:
-        raise ValueError(f"count={count!r} must be an int in 0..{MAX_COUNT}")
+    check_scene_args(count, shape, color)
     if size < 16:
         raise ValueError(f"size={size} too small; expected >= 16 pixels")
     rng = np.random.default_rng(seed)

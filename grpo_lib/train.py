@@ -457,22 +457,23 @@ class GRPOTrainer:
         the images with those at the run's start; a relative drop above ``guard_max_drop`` fails it,
         so a reward bought with degenerate images shows (and that checkpoint is never the best).
         """
-        from grpo_lib.rollout import sample_images
+        import contextlib
+
+        from grpo_lib.rollout import sample_for_rows
 
         if not self.eval_rows:
             return {}
         p = self.p
         rows = self.eval_rows[self.acc.process_index::self.acc.num_processes]
-        ctx = self.ema.swapped_in(self.params_list) if self.ema else _nullcontext()
+        ctx = self.ema.swapped_in(self.params_list) if self.ema else contextlib.nullcontext()
         rewards, infos = [], []
-        with ctx:
+        with ctx:   # the same per-(prompt, k) seeds as the notebooks' stage evaluations
+            images, _ = sample_for_rows(self.policy, rows, images_per_prompt=1, num_steps=p.eval_num_steps,
+                                        shift=p.shift, guidance_scale=p.eval_guidance_scale, seed=p.seed,
+                                        batch_size=p.batch_size)
             for k in range(0, len(rows), p.batch_size):
                 chunk = rows[k:k + p.batch_size]
-                gens = [torch.Generator().manual_seed(sample_seed(p.seed, -1, hash_row(r, i), "eval"))
-                        for i, r in enumerate(chunk, start=k)]
-                _, images = sample_images(self.policy, [r["prompt"] for r in chunk], num_steps=p.eval_num_steps,
-                                          shift=p.shift, guidance_scale=p.eval_guidance_scale, generator=gens)
-                r, info = self.reward_fn(images, [r["prompt"] for r in chunk], chunk)
+                r, info = self.reward_fn(images[k:k + p.batch_size], [r["prompt"] for r in chunk], chunk)
                 rewards.append(np.asarray(r, np.float32))
                 infos.append(info)
         out = {"eval_reward": self._gather_mean(np.concatenate(rewards))}
@@ -628,25 +629,12 @@ def select_trainable(module: torch.nn.Module, trainable: str) -> list[str]:
     return chosen
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def spread_subset(rows: list[dict], n: int) -> list[dict]:
     """``n`` rows spread evenly over the file (prompt files are sorted by count: a prefix would
     hold only the smallest counts); all rows when ``n`` is 0 or at least their number."""
     if n <= 0 or n >= len(rows):
         return list(rows)
     return [rows[i] for i in np.linspace(0, len(rows) - 1, n).round().astype(int)]
-
-
-def hash_row(row: dict, i: int) -> int:
-    """Index of an eval image's seed: the prompt text and its position (stable across runs)."""
-    return int.from_bytes(hashlib.blake2b(f"{i}/{row['prompt']}".encode(), digest_size=6).digest(), "little")
 
 
 def _times(num_steps: int, shift: float, convention: str) -> torch.Tensor:

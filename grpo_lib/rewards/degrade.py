@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from grpo_lib import scenes
-from grpo_lib.scenes import BACKGROUND, COLORS, MAX_COUNT, MIN_GAP, RADIUS_RANGE, SHAPES, Scene
+from grpo_lib.scenes import BACKGROUND, COLORS, MIN_GAP, RADIUS_RANGE, Scene
 
 @dataclass(frozen=True)
 class DegradedScene(Scene):
@@ -105,12 +105,7 @@ def degrade(count: int, shape: str, color: str, *, seed: int, size: int = 32,
     2 pairs when count >= 8; pairs that cannot be made without touching a third object are skipped
     (rare; the scene then has fewer touching pairs, never a wrong count). Deterministic in ``seed``.
     """
-    if shape not in SHAPES:
-        raise ValueError(f"shape={shape!r} is not one of {SHAPES}")
-    if color not in COLORS:
-        raise ValueError(f"color={color!r} is not one of {list(COLORS)}")
-    if not isinstance(count, (int, np.integer)) or not 0 <= count <= MAX_COUNT:
-        raise ValueError(f"count={count!r} must be an int in 0..{MAX_COUNT}")
+    scenes.check_scene_args(count, shape, color)
     for name, (lo, hi) in (("blur_sigma", blur_sigma), ("noise_std", noise_std)):
         if not 0 <= lo <= hi:
             raise ValueError(f"{name}={(lo, hi)} must be a (low, high) range with 0 <= low <= high")

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from grpo_lib.memory import PeakMemory
+
 REPO = Path(__file__).resolve().parents[1]
 
 # (notebook, params experiment) in execution order; later issues append their stages here.
@@ -68,22 +70,26 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     run_dir = REPO / "runs" / args.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    timings = {}
+    timings, peaks = {}, {}
     for notebook, experiment in STAGES:
         if args.only and notebook not in args.only:
             continue
         params_file = REPO / "params" / f"{notebook}__{experiment}.yaml"
         print(f"[pipeline] {notebook} with {params_file.relative_to(REPO)} -> runs/{args.name}/", flush=True)
         t0 = time.perf_counter()
-        executed = execute_notebook(notebook, params_file, run_dir,
-                                    parameters={"run_dir": str(run_dir.relative_to(REPO))},
-                                    kernel=args.kernel, log_output=True)
-        export_html(executed)
+        with PeakMemory() as mem:   # this process + the papermill kernel (a child)
+            executed = execute_notebook(notebook, params_file, run_dir,
+                                        parameters={"run_dir": str(run_dir.relative_to(REPO))},
+                                        kernel=args.kernel, log_output=True)
+            export_html(executed)
         timings[notebook] = round(time.perf_counter() - t0, 1)
-        print(f"[pipeline] {notebook} done in {timings[notebook]} s", flush=True)
+        peaks[notebook] = round(mem.peak_gib, 2)
+        print(f"[pipeline] {notebook} done in {timings[notebook]} s, peak memory {peaks[notebook]} GiB", flush=True)
     # --only reruns keep the other stages' timings
     previous = json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").is_file() else {}
-    (run_dir / "timings.json").write_text(json.dumps({**previous, **timings}, indent=2))
+    previous_peaks = previous.pop("peak_memory_gib", {})
+    record = {**previous, **timings, "peak_memory_gib": {**previous_peaks, **peaks}}
+    (run_dir / "timings.json").write_text(json.dumps(record, indent=2))
     from grpo_lib.report import write_report
     print(f"[pipeline] report: {write_report(run_dir)}")
     print(f"[pipeline] all stages done: {json.dumps(timings)}; see runs/{args.name}/")

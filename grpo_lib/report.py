@@ -8,7 +8,7 @@
 | headline table     | ``<run>/summary.json`` ["test"] (and ["unseen"]): per requested count N, exact-count accuracy k/m per stage (base -> cold start -> GRPO) with its Wilson 95 % interval |
 | quality guard      | ``summary.json`` ["test_quality_guard"]: GRPO's worst relative drop vs its start, pass / fail |
 | plots              | ``<run>/grpo/*.png``, embedded as base64 thumbnails (the page opens offline, alone) |
-| timings            | ``<run>/timings.json`` (seconds per stage)                                      |
+| timings            | ``<run>/timings.json`` (seconds and peak memory per stage)                      |
 
 Stages are read from the ``<stage>_accuracy`` keys in the records' order; ``count == "all"`` pools every image.
 A run that has not reached notebook 02 yet gets the page without the table (it says so).
@@ -137,8 +137,10 @@ def build_report(run_dir: str | Path) -> str:
     timings = run_dir / "timings.json"
     if timings.is_file():
         t = json.loads(timings.read_text())
-        parts.append("<h2>Timings</h2><table><tr><th>stage</th><th>seconds</th></tr>"
-                     + "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in t.items()) + "</table>")
+        peaks = t.pop("peak_memory_gib", {})
+        parts.append("<h2>Timings</h2><table><tr><th>stage</th><th>seconds</th><th>peak memory (GiB, summed RSS)</th></tr>"
+                     + "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td><td>{peaks.get(k, '')}</td></tr>"
+                               for k, v in t.items()) + "</table>")
     return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>run {html.escape(run_dir.name)}</title>"
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
 

@@ -38,7 +38,8 @@ def fake_run(tmp_path):
     (run / "summary.json").write_text(json.dumps(summary))
     pngs = {"accuracy_test.png": _png(run / "grpo" / "accuracy_test.png", 10),
             "curves.png": _png(run / "grpo" / "curves.png", 200)}
-    (run / "timings.json").write_text(json.dumps({"00_derivation_checks": 12.5}))
+    (run / "timings.json").write_text(json.dumps({"00_derivation_checks": 12.5,
+                                                  "peak_memory_gib": {"00_derivation_checks": 1.23}}))
     return run, pngs
 
 
@@ -56,6 +57,7 @@ def test_report_links_notebooks_tabulates_stages_and_embeds_plots(fake_run):
     assert row2 == ("<td>0.500 <small>[0.237, 0.763]</small> <small>n=10</small></td>"
                     "<td>0.700 <small>[0.397, 0.892]</small> <small>n=10</small></td>"
                     "<td><b>0.900 <small>[0.596, 0.982]</small> <small>n=10</small></b></td>")
+    assert "<tr><td>00_derivation_checks</td><td>12.5</td><td>1.23</td></tr>" in page   # seconds, GiB
     row7 = re.search(r"<tr><td>7</td>(.*?)</tr>", page).group(1)
     assert row7.count("<b>") == 2                                 # a tie: both best stages bold
     assert '<tr class="all"><td>all</td>' in page and "0.550 <small>[0.300, 0.700]</small> <small>n=20</small>" in page

@@ -2,7 +2,13 @@
 
 Prints, per timestep strategy, the wall time of an epoch and the share spent inside the model
 (policy.velocity forward passes, sampling included, and the backward passes) versus everything else
-(SDE step math, advantages, optimizer, reward waits, bookkeeping).
+(SDE step math, advantages, optimizer, reward waits, bookkeeping); then the epoch split into its
+sampling phase (the full N-step rollout, the same for every strategy) and its training phase (what
+the strategy selects), with the arithmetic bound for the training phase:
+
+    train(first_50) / train(all) >= T(first_50) / T(all) = floor(N / 2) / (N - 1)   (5 / 9 at N = 10)
+
+since ``all`` trains every step but the last (grpo.select_timesteps).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/grpo_epoch.py [--epochs 3] [--threads 2]
 """
@@ -38,14 +44,24 @@ def measure(strategy: str, epochs: int, base: str) -> dict:
             inside["backward"] += time.perf_counter() - t0
             return out
 
-        t.policy.velocity, t.acc.backward = timed_velocity, timed_backward
+        sample_epoch = t.sample_epoch
+
+        def timed_sample_epoch(*a, **k):
+            t0 = time.perf_counter()
+            out = sample_epoch(*a, **k)
+            inside["sampling_phase"] += time.perf_counter() - t0
+            return out
+
+        inside["sampling_phase"] = 0.0
+        t.policy.velocity, t.acc.backward, t.sample_epoch = timed_velocity, timed_backward, timed_sample_epoch
         t0 = time.perf_counter()
         t.fit()
         wall = time.perf_counter() - t0
         t.close()
     model = inside["forward"] + inside["backward"]
     return {"strategy": strategy, "seconds_per_epoch": wall / epochs, "model_share": model / wall,
-            "outside_share": 1 - model / wall, **{k: v / epochs for k, v in inside.items()}}
+            "outside_share": 1 - model / wall, "training_phase": (wall - inside["sampling_phase"]) / epochs,
+            **{k: v / epochs for k, v in inside.items()}}
 
 
 def main() -> None:
@@ -60,7 +76,12 @@ def main() -> None:
         print(f"{r['strategy']:>9}: {r['seconds_per_epoch']:.2f} s/epoch; inside the model "
               f"{100 * r['model_share']:.1f} % (forward {r['forward']:.2f} s, backward {r['backward']:.2f} s); "
               f"outside {100 * r['outside_share']:.1f} %")
+    for r in rows:
+        print(f"{r['strategy']:>9}: sampling phase {r['sampling_phase']:.2f} s/epoch, "
+              f"training phase {r['training_phase']:.2f} s/epoch")
     print(f"first_50 / all epoch time: {rows[0]['seconds_per_epoch'] / rows[1]['seconds_per_epoch']:.3f}")
+    print(f"first_50 / all training-phase time: {rows[0]['training_phase'] / rows[1]['training_phase']:.3f} "
+          f"(arithmetic bound 5/9 = {5 / 9:.3f}: trained steps 5 of 10 against 9 of 10)")
 
 
 if __name__ == "__main__":

@@ -140,6 +140,38 @@ def compare_stages(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     return out.iloc[np.argsort(key.to_numpy(dtype=float), kind="stable")].reset_index(drop=True)
 
 
+def paired_difference(before: pd.DataFrame, after: pd.DataFrame, z: float = Z95) -> dict:
+    """Accuracy change between two stages evaluated on the *same* images' prompts and seeds.
+
+    Every stage samples image i from the same prompt and initial noise (rollout.sample_for_rows), so
+    the outcomes pair up and the change is measured far more tightly than by comparing two Wilson
+    intervals. With b = images wrong before and right after, c = right before and wrong after, m images:
+
+        d = (b - c) / m,    Var(d) = (b + c - (b - c)^2 / m) / m^2,    d +- z sqrt(Var(d))
+
+    and McNemar's exact test of "no change": p = two-sided binomial test of b in b + c at 1/2.
+    Returns ``{"n", "before", "after", "diff", "ci_low", "ci_high", "gained", "lost", "p_value"}``.
+    """
+    from scipy.stats import binomtest
+
+    for t in (before, after):
+        _require(t, ("prompt", "target", "correct"))
+    if len(before) != len(after) or not (before["prompt"].to_numpy() == after["prompt"].to_numpy()).all():
+        raise ValueError(f"paired_difference needs the same prompts in the same order (got {len(before)} "
+                         f"and {len(after)} rows): evaluate both stages with the same rows and seeds")
+    x = before["correct"].to_numpy().astype(bool)
+    y = after["correct"].to_numpy().astype(bool)
+    m = len(x)
+    if m == 0:
+        raise ValueError("paired_difference needs at least one image")
+    b, c = int((~x & y).sum()), int((x & ~y).sum())
+    d = (b - c) / m
+    half = z * math.sqrt(max(b + c - (b - c) ** 2 / m, 0.0)) / m
+    p = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+    return {"n": m, "before": float(x.mean()), "after": float(y.mean()), "diff": d, "ci_low": d - half,
+            "ci_high": d + half, "gained": b, "lost": c, "p_value": float(p)}
+
+
 def _require(table: pd.DataFrame, cols: Sequence[str]) -> None:
     if not isinstance(table, pd.DataFrame):
         raise ValueError(f"expected a per-image pandas DataFrame, got {type(table).__name__}")

@@ -138,6 +138,14 @@ class CountingExperiment:
         tables = {k: v for k, v in self.tables[which].items() if k != "renderer"}
         return compare_stages(tables)
 
+    def paired_changes(self, which: str = "test") -> pd.DataFrame:
+        """Accuracy change of each stage over the one before it, paired image by image (same prompts and
+        seeds): difference with a 95 % interval and McNemar's exact p-value (evaluate.paired_difference)."""
+        from grpo_lib.evaluate import paired_difference
+        t, stages = self.tables[which], [s for s in self.stages() if s in self.tables[which]]
+        rows = [{"change": f"{a} -> {b}", **paired_difference(t[a], t[b])} for a, b in zip(stages, stages[1:])]
+        return pd.DataFrame(rows)
+
     def quality_guard(self, which: str = "test") -> pd.DataFrame:
         """Mean quality measures per stage, their relative change against the renderer's images, and
         against the stage GRPO started from (cold start, else base): the guard is that GRPO loses no
@@ -161,6 +169,7 @@ class CountingExperiment:
         for which in self.tables:
             acc = self.accuracy_table(which)
             summary[which] = json.loads(acc.to_json(orient="records"))
+            summary[f"{which}_paired"] = json.loads(self.paired_changes(which).to_json(orient="records"))
             summary[f"{which}_quality_guard"] = json.loads(self.quality_guard(which).reset_index()
                                                           .rename(columns={"index": "stage"}).to_json(orient="records"))
         path = self.run_dir / "summary.json"

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from grpo_lib.evaluate import (EvalParams, compare_stages, confusion_table, load_imagefolder, overall_summary,
+from grpo_lib.evaluate import (EvalParams, compare_stages, paired_difference, confusion_table, load_imagefolder, overall_summary,
                                per_count_accuracy, per_image_table, plot_accuracy_per_count, plot_confusion,
                                plot_image_grid, run_evaluation, save_image_grid, save_imagefolder, wilson_interval)
 from grpo_lib.scenes import counting_row, render_rows
@@ -63,6 +63,37 @@ def test_summary_on_hand_made_table():
     assert list(cmp["count"]) == [1, 2, 4, "all"]
     assert list(cmp["a_accuracy"]) == pytest.approx([1.0, 0.5, 1 / 3, 0.5])
     assert list(cmp["b_accuracy"]) == [1.0, 1.0, 1.0, 1.0] and list(cmp["b_n"]) == [1, 4, 3, 8]
+
+
+def _paired(before_correct, after_correct):
+    n = len(before_correct)
+    base = {"prompt": [f"p{i}" for i in range(n)], "target": [1] * n}
+    return (pd.DataFrame({**base, "correct": before_correct}), pd.DataFrame({**base, "correct": after_correct}))
+
+
+def test_paired_difference_exact_values():
+    # 100 images: 10 gained (wrong -> right), 2 lost, 40 right both times, 48 wrong both times
+    before = [0] * 10 + [1] * 2 + [1] * 40 + [0] * 48
+    after = [1] * 10 + [0] * 2 + [1] * 40 + [0] * 48
+    r = paired_difference(*_paired(before, after))
+    assert (r["n"], r["gained"], r["lost"]) == (100, 10, 2)
+    assert r["before"] == pytest.approx(0.42) and r["after"] == pytest.approx(0.50)
+    assert r["diff"] == pytest.approx(0.08)
+    half = 1.959963984540054 * np.sqrt(12 - 64 / 100) / 100           # sqrt(b + c - (b - c)^2 / m) / m
+    assert (r["ci_low"], r["ci_high"]) == (pytest.approx(0.08 - half), pytest.approx(0.08 + half))
+    # McNemar exact: P(X <= 2 or X >= 10), X ~ Bin(12, 1/2) = 2 * (1 + 12 + 66) / 4096
+    assert r["p_value"] == pytest.approx(2 * 79 / 4096)
+
+
+def test_paired_difference_no_change_and_bad_input():
+    same = _paired([1, 0, 1], [1, 0, 1])
+    r = paired_difference(*same)
+    assert (r["diff"], r["ci_low"], r["ci_high"], r["p_value"]) == (0.0, 0.0, 0.0, 1.0)
+    a, b = _paired([1, 0], [1, 0])
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_difference(a, b.iloc[::-1].reset_index(drop=True).assign(prompt=["x", "y"]))
+    with pytest.raises(ValueError, match="lacks column"):
+        paired_difference(a.drop(columns="correct"), b)
 
 
 def test_summary_bad_input():

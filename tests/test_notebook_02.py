@@ -12,6 +12,10 @@ def test_counting_grpo_notebook_smoke(run_notebook):
     assert overall["base_n"] == overall["grpo_n"] == 5             # final_max_prompts x 1 image
     assert 0.0 <= overall["grpo_accuracy"] <= 1.0
     assert {r["stage"] for r in summary["test_quality_guard"]} == {"base", "grpo", "renderer"}
+    # the smoke run has no cold start: one paired change, base -> grpo, over the same 5 images
+    (paired,) = summary["test_paired"]
+    assert paired["change"] == "base -> grpo" and paired["n"] == 5
+    assert paired["diff"] == pytest.approx(overall["grpo_accuracy"] - overall["base_accuracy"])
     renderer = next(r for r in summary["test_quality_guard"] if r["stage"] == "renderer")
     assert renderer["background_fidelity"] == 1.0
     assert (run_dir / "metrics.csv").is_file() and (run_dir / "grpo" / "grid_grpo.png").is_file()

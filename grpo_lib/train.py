@@ -74,6 +74,7 @@ class GRPOParams:
     sde_type: str = "sde"                                  # sde | cps
     timestep_strategy: str = "first_50"                    # all | first_<p> | random_<p> | drop_ends | window
     sde_window_size: int = 0                               # >0: Flow-GRPO-Fast SDE window, ODE elsewhere
+    sde_window_range: list[int] = field(default_factory=list)  # [r0, r1]: window inside steps r0..r1-1 ([] = [0, N-1])
     group_size: int = 8                                    # images per prompt (G)
     batch_size: int = 16                                   # images per process per sampling batch
     batches_per_epoch: int = 4                             # sampling batches per epoch
@@ -128,6 +129,14 @@ class GRPOParams:
             raise ValueError("noise_level=0 makes every step deterministic: GRPO needs stochastic steps")
         if self.clip_range <= 0:
             raise ValueError(f"clip_range={self.clip_range} must be > 0")
+        if self.sde_window_range:
+            r = list(self.sde_window_range)
+            if self.sde_window_size < 1:
+                raise ValueError(f"sde_window_range={r} needs sde_window_size >= 1 (it is {self.sde_window_size})")
+            if len(r) != 2 or not 0 <= r[0] < r[1] <= self.num_steps - 1 or r[1] - r[0] < self.sde_window_size:
+                raise ValueError(f"sde_window_range={r} must be [r0, r1] with 0 <= r0 < r1 <= num_steps - 1 = "
+                                 f"{self.num_steps - 1} holding sde_window_size={self.sde_window_size} steps "
+                                 "(upstream geneval_sd3_fast: [0, 5] with size 3)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +324,8 @@ class GRPOTrainer:
             window = None
             if p.sde_window_size > 0:   # one window per global batch (all processes agree)
                 g = torch.Generator().manual_seed(sample_seed(p.seed, epoch, i, "window"))
-                window = sde_window(p.sde_window_size, p.num_steps, generator=g)
+                window = sde_window(p.sde_window_size, p.num_steps, generator=g,
+                                    window_range=tuple(p.sde_window_range) or None)
             with self.acc.autocast():   # the same precision as the re-scoring, so the first ratio is 1
                 traj = sample_trajectories(
                     self.policy, [r["prompt"] for r in rows], num_steps=p.num_steps, shift=p.shift,

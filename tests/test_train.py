@@ -80,6 +80,23 @@ def test_bad_params_are_named():
         GRPOParams(batches_per_epoch=3, updates_per_epoch=2)
     with pytest.raises(ValueError, match="noise_level=0"):
         GRPOParams(noise_level=0.0)
+    with pytest.raises(ValueError, match=r"sde_window_range=\[0, 5\] needs sde_window_size >= 1"):
+        GRPOParams(sde_window_range=[0, 5])
+    with pytest.raises(ValueError, match=r"sde_window_range=\[4, 6\] must be .* holding sde_window_size=3"):
+        GRPOParams(sde_window_size=3, sde_window_range=[4, 6])
+    with pytest.raises(ValueError, match=r"sde_window_range=\[0, 10\] must be .* num_steps - 1 = 9"):
+        GRPOParams(sde_window_size=3, sde_window_range=[0, 10])
+
+
+def test_sde_window_range_bounds_every_window(tmp_path):
+    # num_steps 8: the default range would allow windows up to (5, 7); [1, 4] allows only (1, 3) and (2, 4)
+    p = small_params(tmp_path / "w", num_steps=8, sde_window_size=2, sde_window_range=[1, 4], eval_prompts="")
+    t = GRPOTrainer(p, policy=tiny_policy(), reward_fn=brightness_reward)
+    try:
+        windows = {b.traj.window for epoch in range(6) for b in t.sample_epoch(epoch)}
+    finally:
+        t.close()
+    assert windows == {(1, 3), (2, 4)}
 
 
 DDP_SCRIPT = r'''

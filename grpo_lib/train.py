@@ -74,7 +74,7 @@ class GRPOParams:
     sde_type: str = "sde"                                  # sde | cps
     timestep_strategy: str = "first_50"                    # all | first_<p> | random_<p> | drop_ends | window
     sde_window_size: int = 0                               # >0: Flow-GRPO-Fast SDE window, ODE elsewhere
-    sde_window_range: list[int] = field(default_factory=list)  # [r0, r1]: window inside steps r0..r1-1 ([] = [0, N-1])
+    sde_window_range: list[int] = field(default_factory=list)  # [r0, r1]: window inside steps r0..r1-1 (empty: [0, N-1])
     group_size: int = 8                                    # images per prompt (G)
     batch_size: int = 16                                   # images per process per sampling batch
     batches_per_epoch: int = 4                             # sampling batches per epoch

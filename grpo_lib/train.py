@@ -150,6 +150,13 @@ def sample_seed(seed: int, epoch: int, index: int, stream: str) -> int:
     return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def selection_seed(seed: int) -> int:
+    """Seed of the per-epoch evaluation that picks the best checkpoint. It differs from the final
+    evaluation's ``seed`` so that no image used to *select* a checkpoint is one of the images that then
+    *report* its accuracy (rollout.eval_seed hashes the seed: every image's noise differs)."""
+    return seed + 1_000_003
+
+
 def atomic_save_dir(build: Callable[[Path], None], final: Path) -> None:
     """Write a directory atomically: build it under a temp name, then rename over ``final``."""
     final = Path(final)
@@ -477,10 +484,10 @@ class GRPOTrainer:
         rows = self.eval_rows[self.acc.process_index::self.acc.num_processes]
         ctx = self.ema.swapped_in(self.params_list) if self.ema else contextlib.nullcontext()
         rewards, infos = [], []
-        with ctx:   # the same per-(prompt, k) seeds as the notebooks' stage evaluations
+        with ctx:   # fixed per-(prompt, k) seeds, apart from the final evaluation's (selection_seed)
             images, _ = sample_for_rows(self.policy, rows, images_per_prompt=1, num_steps=p.eval_num_steps,
-                                        shift=p.shift, guidance_scale=p.eval_guidance_scale, seed=p.seed,
-                                        batch_size=p.batch_size)
+                                        shift=p.shift, guidance_scale=p.eval_guidance_scale,
+                                        seed=selection_seed(p.seed), batch_size=p.batch_size)
             for k in range(0, len(rows), p.batch_size):
                 chunk = rows[k:k + p.batch_size]
                 r, info = self.reward_fn(images[k:k + p.batch_size], [r["prompt"] for r in chunk], chunk)

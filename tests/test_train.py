@@ -88,6 +88,23 @@ def test_bad_params_are_named():
         GRPOParams(sde_window_size=3, sde_window_range=[0, 10])
 
 
+def test_checkpoint_selection_never_sees_the_final_evaluation_images(tmp_path):
+    from grpo_lib.rollout import sample_for_rows
+    from grpo_lib.train import selection_seed
+
+    p = small_params(tmp_path / "sel", eval_max_prompts=4)
+    t = GRPOTrainer(p, policy=tiny_policy(), reward_fn=brightness_reward)
+    try:
+        got = t.evaluate(0)["eval_reward"]
+        kw = dict(images_per_prompt=1, num_steps=p.eval_num_steps, shift=p.shift, batch_size=p.batch_size)
+        sel, _ = sample_for_rows(t.policy, t.eval_rows, seed=selection_seed(p.seed), **kw)
+        final, _ = sample_for_rows(t.policy, t.eval_rows, seed=p.seed, **kw)   # what notebook 02 reports on
+    finally:
+        t.close()
+    assert got == pytest.approx(brightness_reward(sel, None, None)[0].mean(), abs=1e-6)
+    assert not (sel == final).all(axis=(1, 2, 3)).any()      # not one selection image is a reported image
+
+
 def test_sde_window_range_bounds_every_window(tmp_path):
     # num_steps 8: the default range would allow windows up to (5, 7); [1, 4] allows only (1, 3) and (2, 4)
     p = small_params(tmp_path / "w", num_steps=8, sde_window_size=2, sde_window_range=[1, 4], eval_prompts="")

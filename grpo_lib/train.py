@@ -532,20 +532,23 @@ class GRPOTrainer:
             self.epoch = epoch + 1
             row = {"epoch": self.epoch, **stats, **train_stats, "seconds_sampling": t_sample,
                    "seconds_epoch": time.perf_counter() - t0}
-            if self.epoch % p.eval_every == 0 or self.epoch == p.num_epochs:
+            # the last epoch (by count or by time budget) is always evaluated and saved, so the most
+            # trained weights are a candidate for the best checkpoint too
+            out_of_time = bool(p.time_budget_minutes) and (time.perf_counter() - t_start) / 60 > p.time_budget_minutes
+            last = self.epoch == p.num_epochs or out_of_time
+            if self.epoch % p.eval_every == 0 or last:
                 self.policy_train_mode(False)
                 row.update(self.evaluate(self.epoch))
                 if "eval_reward" in row and row["guard_pass"] and \
                         (self.best is None or row["eval_reward"] > self.best["eval_reward"]):
                     self.best = {"epoch": self.epoch, "eval_reward": row["eval_reward"]}
             self._record(row)
-            if self.epoch % p.save_every == 0 or self.epoch == p.num_epochs:
+            if self.epoch % p.save_every == 0 or last:
                 path = self.save_checkpoint()
                 if self.best and self.best["epoch"] == self.epoch and path is not None and self.acc.is_main_process:
                     atomic_write_text(self.ckpt_dir / "best", path.name)
-            if p.time_budget_minutes and (time.perf_counter() - t_start) / 60 > p.time_budget_minutes:
+            if out_of_time:
                 self._log_event(f"time budget of {p.time_budget_minutes} min reached after epoch {self.epoch}")
-                self.save_checkpoint()
                 break
         self.acc.wait_for_everyone()
         return self.history

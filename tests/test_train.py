@@ -105,6 +105,19 @@ def test_checkpoint_selection_never_sees_the_final_evaluation_images(tmp_path):
     assert not (sel == final).all(axis=(1, 2, 3)).any()      # not one selection image is a reported image
 
 
+def test_time_budget_stop_evaluates_and_saves_the_last_epoch(tmp_path):
+    # eval/save every 5 epochs, but the budget ends the run after epoch 1: that epoch is still evaluated,
+    # saved and (guard passing at a tiny lr) eligible as the best checkpoint
+    p = small_params(tmp_path / "tb", num_epochs=10, eval_every=5, save_every=5, time_budget_minutes=1e-9,
+                     lr=1e-7, eval_max_prompts=4)
+    hist = run(p, policy=tiny_policy(), reward_fn=brightness_reward)
+    assert [h["epoch"] for h in hist] == [0, 1]
+    assert "eval_reward" in hist[1] and hist[1]["guard_pass"] == 1.0
+    ck = tmp_path / "tb" / "checkpoints"
+    assert (ck / "latest").read_text() == "epoch_0001" and (ck / "best").read_text() == "epoch_0001"
+    assert sorted(d.name for d in ck.iterdir() if d.is_dir()) == ["epoch_0001"]   # saved once, not twice
+
+
 def test_sde_window_range_bounds_every_window(tmp_path):
     # num_steps 8: the default range would allow windows up to (5, 7); [1, 4] allows only (1, 3) and (2, 4)
     p = small_params(tmp_path / "w", num_steps=8, sde_window_size=2, sde_window_range=[1, 4], eval_prompts="")

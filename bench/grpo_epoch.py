@@ -20,14 +20,19 @@ import time
 
 import torch
 
+DEFAULT_PARAMS = "params/02_counting_grpo__strict_first_50.yaml"
+
 
 def measure(strategy: str, epochs: int, base: str) -> dict:
     from grpo_lib.train import GRPOParams, GRPOTrainer
 
+    from grpo_lib.params import load_params
+
     with tempfile.TemporaryDirectory() as d:
-        p = GRPOParams(run_dir=d, model=base, timestep_strategy=strategy, num_epochs=epochs, group_size=8,
-                       batch_size=32, batches_per_epoch=2, updates_per_epoch=2, num_steps=10,
-                       eval_prompts="", save_every=1000, eval_every=1000, progress=False)
+        # the make-run default (group 8, 128 rollouts per epoch, 10 steps), from the base, no evaluation
+        p = load_params(DEFAULT_PARAMS, GRPOParams, run_dir=d, model=base, cold_start_lora="",
+                        timestep_strategy=strategy, num_epochs=epochs, time_budget_minutes=0.0, eval_prompts="",
+                        save_every=1000, eval_every=1000, progress=False)
         t = GRPOTrainer(p)
         inside = {"forward": 0.0, "backward": 0.0}
         velocity, backward = t.policy.velocity, t.acc.backward

@@ -77,6 +77,16 @@ def _guard_html(guard: list[dict]) -> str:
     return f"<ul>{''.join(rows)}</ul>" if rows else ""
 
 
+def _paired_html(paired: list[dict]) -> str:
+    """Stage-to-stage change on the same images (summary.json: test_paired)."""
+    rows = "".join(
+        f"<tr><td>{html.escape(str(r['change']))}</td><td>{100 * r['diff']:+.1f} pp "
+        f"<small>[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]</small></td>"
+        f"<td>{r['gained']} / {r['lost']}</td><td>{r['p_value']:.2g}</td></tr>" for r in paired)
+    return ("<h3>Paired change (same prompts and noise)</h3><table><tr><th>change</th><th>difference [95 %]</th>"
+            f"<th>images gained / lost</th><th>McNemar p</th></tr>{rows}</table>") if rows else ""
+
+
 def _thumb(png: Path, run_dir: Path) -> str:
     data = base64.b64encode(png.read_bytes()).decode("ascii")
     name = html.escape(png.relative_to(run_dir).as_posix())
@@ -122,6 +132,7 @@ def build_report(run_dir: str | Path) -> str:
         parts.append("<p>Accuracy = share of images whose detector count equals the requested count N (GenEval's "
                       "strict rule); [95 % Wilson interval]; n = images; best stage per row in bold.</p>")
         parts.append(accuracy_table_html(summary["test"], "held-out prompts (summary.json: test)"))
+        parts.append(_paired_html(summary.get("test_paired", [])))
         if "unseen" in summary:
             parts.append(accuracy_table_html(summary["unseen"], "unseen counts (summary.json: unseen)"))
         parts.append(_guard_html(summary.get("test_quality_guard", [])))

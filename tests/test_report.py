@@ -35,6 +35,8 @@ def fake_run(tmp_path):
                         _rec("all", (6, 0.1, 0.5), (9, 0.2, 0.6), (11, 0.3, 0.7), n=20)],
                "test_quality_guard": [{"stage": "base", "guard_pass": True, "worst_drop_vs_start": 0.0},
                                       {"stage": "grpo", "guard_pass": False, "worst_drop_vs_start": 0.083}]}
+    summary["test_paired"] = [{"change": "cold_start -> grpo", "n": 20, "diff": 0.034, "ci_low": 0.0163,
+                               "ci_high": 0.0514, "gained": 5, "lost": 1, "p_value": 0.21875}]
     (run / "summary.json").write_text(json.dumps(summary))
     pngs = {"accuracy_test.png": _png(run / "grpo" / "accuracy_test.png", 10),
             "curves.png": _png(run / "grpo" / "curves.png", 200)}
@@ -58,6 +60,8 @@ def test_report_links_notebooks_tabulates_stages_and_embeds_plots(fake_run):
                     "<td>0.700 <small>[0.397, 0.892]</small> <small>n=10</small></td>"
                     "<td><b>0.900 <small>[0.596, 0.982]</small> <small>n=10</small></b></td>")
     assert "<tr><td>00_derivation_checks</td><td>12.5</td><td>1.23</td></tr>" in page   # seconds, GiB
+    assert ("<tr><td>cold_start -&gt; grpo</td><td>+3.4 pp <small>[+1.6, +5.1]</small></td>"
+            "<td>5 / 1</td><td>0.22</td></tr>") in page
     row7 = re.search(r"<tr><td>7</td>(.*?)</tr>", page).group(1)
     assert row7.count("<b>") == 2                                 # a tie: both best stages bold
     assert '<tr class="all"><td>all</td>' in page and "0.550 <small>[0.300, 0.700]</small> <small>n=20</small>" in page

@@ -24,9 +24,8 @@ DEFAULT_PARAMS = "params/02_counting_grpo__strict_first_50.yaml"
 
 
 def measure(strategy: str, epochs: int, base: str) -> dict:
-    from grpo_lib.train import GRPOParams, GRPOTrainer
-
     from grpo_lib.params import load_params
+    from grpo_lib.train import GRPOParams, GRPOTrainer
 
     with tempfile.TemporaryDirectory() as d:
         # the make-run default (group 8, 128 rollouts per epoch, 10 steps), from the base, no evaluation
@@ -34,7 +33,7 @@ def measure(strategy: str, epochs: int, base: str) -> dict:
                         timestep_strategy=strategy, num_epochs=epochs, time_budget_minutes=0.0, eval_prompts="",
                         save_every=1000, eval_every=1000, progress=False)
         t = GRPOTrainer(p)
-        inside = {"forward": 0.0, "backward": 0.0}
+        inside = {"forward": 0.0, "backward": 0.0, "sampling_phase": 0.0}
         velocity, backward = t.policy.velocity, t.acc.backward
 
         def timed_velocity(*a, **k):
@@ -57,7 +56,6 @@ def measure(strategy: str, epochs: int, base: str) -> dict:
             inside["sampling_phase"] += time.perf_counter() - t0
             return out
 
-        inside["sampling_phase"] = 0.0
         t.policy.velocity, t.acc.backward, t.sample_epoch = timed_velocity, timed_backward, timed_sample_epoch
         t0 = time.perf_counter()
         t.fit()

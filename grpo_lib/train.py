@@ -362,6 +362,12 @@ class GRPOTrainer:
         B = self.arith.batch_size
         stats.update(reward_mean=float(all_r.mean()), reward_std=float(all_r.std(correction=0)))
         infos = [b.rewards[1] for b in batches]
+        # the quality guard's measures on this epoch's rollouts, logged every epoch (the held-out guard
+        # only runs every eval_every epochs): a reward bought with degrading images shows at once
+        for key in self.GUARD_KEYS:
+            if key in infos[0]:
+                vals = torch.as_tensor(np.concatenate([np.asarray(inf[key], np.float32) for inf in infos]))
+                stats[f"rollout_{key}"] = float(self.acc.gather(vals.to(self.acc.device)).mean())
         for key in ("strict", "correct", "count_correct"):
             if key in infos[0]:
                 vals = torch.as_tensor(np.concatenate([np.asarray(inf[key], np.float32) for inf in infos]))

@@ -44,6 +44,18 @@ def test_fit_writes_metrics_checkpoints_and_moves_reward(tmp_path):
     assert hist[-1]["reward_mean"] > hist[1]["reward_mean"]
 
 
+def test_rollout_quality_is_logged_every_epoch(tmp_path):
+    def reward_with_quality(images, prompts, rows):
+        r, info = brightness_reward(images, prompts, rows)
+        return r, {**info, "confidence": np.full(len(r), 0.75, np.float32), "shape_match": r}
+
+    p = small_params(tmp_path / "q", num_epochs=2, eval_every=5, eval_prompts="")
+    hist = run(p, policy=tiny_policy(), reward_fn=reward_with_quality)
+    for h in hist:                                        # both epochs, though neither is evaluated
+        assert h["rollout_confidence"] == pytest.approx(0.75)
+        assert h["rollout_shape_match"] == pytest.approx(h["reward_mean"], abs=1e-6)
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     full = tiny_policy()
     run(small_params(tmp_path / "full", num_epochs=2), policy=full, reward_fn=brightness_reward)

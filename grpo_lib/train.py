@@ -301,6 +301,28 @@ class GRPOTrainer:
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
 
+    def weights_digest(self) -> str:
+        """A short hash of the trainable weights (float32 bytes, in parameter order)."""
+        h = hashlib.blake2b(digest_size=6)
+        for q in self.params_list:
+            h.update(q.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def check_ranks_agree(self, when: str) -> str:
+        """Raise unless every process holds the same trainable weights; log the digest.
+
+        Gradients are averaged over processes, so ranks that start from different weights stay different
+        and only rank 0's are saved (issue 14, defect 1). This turns such a run into an error naming the ranks.
+        """
+        from accelerate.utils import gather_object
+
+        digest = self.weights_digest()
+        digests = gather_object([digest]) if self.acc.num_processes > 1 else [digest]
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"trainable weights differ between processes {when}: digests by rank {digests}")
+        self._log_event(f"trainable weights {when}: digest {digest} on all {len(digests)} process(es)")
+        return digest
+
     def maybe_resume(self) -> bool:
         latest = self.ckpt_dir / "latest"
         if not (self.p.resume and latest.is_file()):
@@ -523,6 +545,7 @@ class GRPOTrainer:
         """Run epochs until ``num_epochs`` or the time budget; returns the metrics history."""
         p = self.p
         self.maybe_resume()
+        self.check_ranks_agree(f"at start (epoch {self.epoch})")
         t_start = time.perf_counter()
         if self.epoch == 0 and self.eval_rows:   # the starting point: guard reference + baseline row
             self._record({"epoch": 0, **self.evaluate(0)})
@@ -553,6 +576,8 @@ class GRPOTrainer:
                 path = self.save_checkpoint()
                 if self.best and self.best["epoch"] == self.epoch and path is not None and self.acc.is_main_process:
                     atomic_write_text(self.ckpt_dir / "best", path.name)
+            if self.acc.num_processes > 1 and (self.epoch % p.save_every == 0 or last):
+                self.check_ranks_agree(f"after epoch {self.epoch}")
             if out_of_time:
                 self._log_event(f"time budget of {p.time_budget_minutes} min reached after epoch {self.epoch}")
                 break
@@ -692,7 +717,18 @@ def build_reward_for(p: GRPOParams):
 
 
 def load_policy_for(p: GRPOParams, device) -> Any:
-    """The policy a params file asks for: base checkpoint, cold-start LoRA merged in, fresh LoRA on top."""
+    """The policy a params file asks for: base checkpoint, cold-start LoRA merged in, fresh LoRA on top.
+
+    peft draws a new LoRA's A matrices from torch's global generator, so the build runs under a generator
+    seeded from ``p.seed`` (inside ``fork_rng``): every process of a launch, and every run with the same
+    params, starts from the same adapter (issue 14, defect 1: two ranks used to start from different LoRAs).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed(p.seed, 0, 0, "grpo_lora_init"))
+        return _load_policy_for(p, device)
+
+
+def _load_policy_for(p: GRPOParams, device) -> Any:
     lora = {"r": p.lora_rank, "lora_alpha": p.lora_alpha}
     if p.world == "embedded":
         from grpo_lib.policies.tiny import TinyPolicy

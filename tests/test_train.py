@@ -205,3 +205,77 @@ def test_head_only_training_keeps_the_rest_frozen_and_has_a_kl(tmp_path):
     assert hist[1]["kl"] == 0.0 and hist[2]["kl"] > 0      # the reference is the frozen initial head
     with pytest.raises(ValueError, match="matches no parameter"):
         select_trainable(policy, "pattern:diffusion")
+
+
+# -- issue 14, defect 1: the params path builds the same LoRA on every process and in every run -------------
+
+SMOKE = Path(__file__).parents[1] / "params" / "02_counting_grpo__smoke.yaml"
+
+
+def _digests(events: Path) -> dict[str, str]:
+    """'<when>' -> digest from a run's events.log lines 'trainable weights <when>: digest <d> on all N process(es)'."""
+    out = {}
+    for line in events.read_text().splitlines():
+        if "trainable weights " in line and ": digest " in line:
+            when, rest = line.split("trainable weights ", 1)[1].split(": digest ")
+            out[when] = rest.split()[0] + "/" + rest.split("on all ")[1].split()[0]
+    return out
+
+
+@pytest.mark.slow
+def test_two_rank_launch_through_params_holds_identical_weights(tmp_path):
+    from grpo_lib.params import load_params
+    from grpo_lib.train import GRPOTrainer
+
+    run_dir = tmp_path / "two"
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(29500 + (os.getpid() + 7) % 1000),
+           "-m", "grpo_lib.train", str(SMOKE), "--set", f"run_dir={run_dir}", "num_epochs=2", "batch_size=4",
+           "save_every=2"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400,
+                         cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stderr[-3000:]
+    d = _digests(run_dir / "events.log")
+    # every rank agreed (the trainer raises otherwise), at init and after 2 epochs of updates
+    assert d["at start (epoch 0)"].endswith("/2") and d["after epoch 2"].endswith("/2")
+    assert d["at start (epoch 0)"] != d["after epoch 2"]
+    # and the start is the adapter a 1-process build of the same params holds
+    t = GRPOTrainer(load_params(SMOKE, run_dir=str(tmp_path / "one"), batch_size=4))
+    try:
+        assert d["at start (epoch 0)"] == t.weights_digest() + "/2"
+    finally:
+        t.close()
+
+
+def test_same_seed_runs_are_bit_identical_through_params(tmp_path):
+    from grpo_lib.params import load_params
+    from grpo_lib.train import GRPOTrainer
+
+    finals, metrics = [], []
+    for name in ("a", "b"):
+        t = GRPOTrainer(load_params(SMOKE, run_dir=str(tmp_path / name), num_epochs=2, eval_prompts=""))
+        try:
+            t.fit()
+        finally:
+            t.close()
+        finals.append(torch.cat([q.detach().reshape(-1) for q in t.params_list]))
+        metrics.append(pd.read_csv(tmp_path / name / "metrics.csv").filter(regex="^(?!seconds)"))
+    assert torch.equal(finals[0], finals[1])
+    pd.testing.assert_frame_equal(metrics[0], metrics[1], check_exact=True)
+    assert metrics[0]["grad_norm"].notna().all() and (metrics[0]["grad_norm"] > 0).all()
+
+
+def test_ranks_that_disagree_are_an_error(tmp_path, monkeypatch):
+    import accelerate.utils
+
+    t = GRPOTrainer(small_params(tmp_path / "run", eval_prompts=""), policy=tiny_policy(),
+                    reward_fn=brightness_reward)
+    try:
+        monkeypatch.setattr(type(t.acc), "num_processes", property(lambda self: 2))
+        monkeypatch.setattr(accelerate.utils, "gather_object", lambda xs: xs + ["000000000000"])
+        with pytest.raises(RuntimeError, match=r"differ between processes at init: digests by rank"):
+            t.check_ranks_agree("at init")
+    finally:
+        t.close()

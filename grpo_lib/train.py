@@ -339,9 +339,7 @@ class GRPOTrainer:
 
     def sample_epoch(self, epoch: int) -> list[EpochBatch]:
         """Roll out this process's batches of ``epoch``; rewards are computed in the background."""
-        from grpo_lib.rollout import sample_trajectories, sde_window
-
-        p, a = self.p, self.arith
+        a = self.arith
         prompts_plan, gid_plan = self.sampler.epoch_plan(epoch)                    # (N_b, P, B)
         batches = []
         for i in self._bar(range(a.batches_per_epoch), desc=f"epoch {epoch} sampling"):
@@ -350,22 +348,29 @@ class GRPOTrainer:
             # position in the epoch's global order: identical whatever the process split
             gidx = (i * a.num_processes + self.acc.process_index) * a.batch_size + torch.arange(a.batch_size)
             rows = [self.train_rows[j] for j in idx.tolist()]
-            window = None
-            if p.sde_window_size > 0:   # one window per global batch (all processes agree)
-                g = torch.Generator().manual_seed(sample_seed(p.seed, epoch, i, "window"))
-                window = sde_window(p.sde_window_size, p.num_steps, generator=g,
-                                    window_range=tuple(p.sde_window_range) or None)
-            with self.acc.autocast():   # the same precision as the re-scoring, so the first ratio is 1
-                traj = sample_trajectories(
-                    self.policy, [r["prompt"] for r in rows], num_steps=p.num_steps, shift=p.shift,
-                    guidance_scale=p.guidance_scale, noise_level=p.noise_level, sde_type=p.sde_type,
-                    window=window, generator=self._generators(epoch, gidx, "rollout"),
-                    store_means=p.ratio_norm)
+            traj = self.rollout_batch(epoch, i, rows, gidx)
             fut = self._pool.submit(self.reward_fn, traj.images, [r["prompt"] for r in rows], rows)
             batches.append(EpochBatch(rows, gids, gidx, traj, fut))
         for b in batches:
             b.rewards = b.rewards.result()
         return batches
+
+    def rollout_batch(self, epoch: int, batch_index: int, rows: list[dict], global_index: torch.Tensor):
+        """One sampling batch's trajectories (noise keyed on each sample's global index)."""
+        from grpo_lib.rollout import sample_trajectories, sde_window
+
+        p = self.p
+        window = None
+        if p.sde_window_size > 0:   # one window per global batch (all processes agree)
+            g = torch.Generator().manual_seed(sample_seed(p.seed, epoch, batch_index, "window"))
+            window = sde_window(p.sde_window_size, p.num_steps, generator=g,
+                                window_range=tuple(p.sde_window_range) or None)
+        with self.acc.autocast():   # the same precision as the re-scoring, so the first ratio is 1
+            return sample_trajectories(
+                self.policy, [r["prompt"] for r in rows], num_steps=p.num_steps, shift=p.shift,
+                guidance_scale=p.guidance_scale, noise_level=p.noise_level, sde_type=p.sde_type,
+                window=window, generator=self._generators(epoch, global_index, "rollout"),
+                store_means=p.ratio_norm)
 
     def advantages(self, batches: list[EpochBatch]) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
         """Gather rewards and group ids over processes, compute advantages, split back per batch."""

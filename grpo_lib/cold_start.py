@@ -99,7 +99,7 @@ class ColdStartParams:
     checkpoint_every: int = 100                        # optimizer steps between checkpoints
     resume: bool = False                               # continue from run_dir/cold_start/checkpoints/latest
     time_budget_minutes: float = 0.0                   # stop training after this many minutes (0: none)
-    eval_prompts: str = "data/counting/test.jsonl"     # held-out rows for the before/after table
+    eval_prompts: str = "data/counting/val.jsonl"      # val rows for the before/after table (test: final figures only)
     eval_prompts_per_count: int = 4                    # eval prompts per requested count
     eval_images_per_prompt: int = 4                    # images per eval prompt (same seeds before/after)
     eval_num_steps: int = 20                           # ODE steps at evaluation

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from grpo_lib.train import GRPOParams, GRPOTrainer, spread_subset
+from grpo_lib.train import GRPOParams, GRPOTrainer, spread_subset, test_seed
 
 QUALITY_KEYS = ("confidence", "shape_match", "background_fidelity", "area_quality")
 
@@ -43,6 +43,13 @@ class CountingExperiment:
     # -- training -----------------------------------------------------------------------------
 
     def train(self) -> pd.DataFrame:
+        """GRPO in this process, or with ``num_processes > 1`` under ``accelerate launch`` (the same
+        trainer from the same params, written to ``run_dir/grpo_params.yaml``); returns the metrics."""
+        if self.p.num_processes > 1:
+            if self.reward_fn is not None:
+                raise ValueError("num_processes > 1 runs the trainer in new processes, which build the reward "
+                                 "from params; a reward_fn passed in cannot cross over (use num_processes=1)")
+            return launch_training(self.p)
         self.trainer = GRPOTrainer(self.p, reward_fn=self.reward_fn)
         try:
             self.trainer.fit()
@@ -103,7 +110,7 @@ class CountingExperiment:
 
     def rows(self, which: str) -> list[dict]:
         from grpo_lib import scenes
-        path = {"test": self.p.eval_prompts, "unseen": self.p.unseen_prompts}[which]
+        path = {"test": self.p.test_prompts, "unseen": self.p.unseen_prompts}[which]
         return spread_subset(scenes.load_rows(path), self.p.final_max_prompts)
 
     def evaluate(self, which: str = "test", stages: list[str] | None = None, progress: bool = True
@@ -120,7 +127,8 @@ class CountingExperiment:
             policy = self.stage_policy(stage)
             img, flat = sample_for_rows(policy, rows, images_per_prompt=p.final_images_per_prompt,
                                         num_steps=p.eval_num_steps, shift=p.shift,
-                                        guidance_scale=p.eval_guidance_scale, seed=p.seed, progress=progress)
+                                        guidance_scale=p.eval_guidance_scale, seed=test_seed(p.seed),
+                                        progress=progress)
             tables[stage], images[stage] = per_image_table(img, flat), img
             del policy
         flat = [r for r in rows for _ in range(p.final_images_per_prompt)]
@@ -175,3 +183,41 @@ class CountingExperiment:
         path = self.run_dir / "summary.json"
         path.write_text(json.dumps(summary, indent=1, default=str))
         return path
+
+
+def launch_training(p: GRPOParams, *, port: int | None = None) -> pd.DataFrame:
+    """Train ``p`` on ``p.num_processes`` processes with ``accelerate launch -m grpo_lib.train``.
+
+    On a machine without CUDA the processes are gloo CPU processes with one torch thread each (the tiny
+    UNet is compute-bound, so a second process is worth more than a second thread); on GPUs, one per
+    device. The launch's output streams to this process's stdout (the per-epoch lines). Raises
+    ``RuntimeError`` with the tail of the output if the launch fails.
+    """
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from grpo_lib.params import to_dict
+
+    run_dir = Path(p.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = run_dir / "grpo_params.yaml"
+    cfg.write_text(yaml.safe_dump(to_dict(p), sort_keys=False))
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    port = port or 29500 + os.getpid() % 2000
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           str(p.num_processes), "--num_machines", "1", "--mixed_precision", p.mixed_precision,
+           "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "grpo_lib.train", str(cfg)]
+    tail: list[str] = []
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            tail = (tail + [line])[-40:]
+            if line.startswith("[grpo]"):
+                print(line, end="", flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"accelerate launch of {cfg} exited with {proc.returncode}:\n" + "".join(tail))
+    return pd.read_csv(run_dir / "metrics.csv")

@@ -66,6 +66,9 @@ HELDOUT_TEMPLATE = "a composition of {n} {cls} scattered across a grey backgroun
 # one held-out class per colour-ish, covering every shape, so the test set probes composition
 HELDOUT_CLASSES: tuple[str, ...] = ("red triangle", "green square", "blue circle",
                                     "yellow triangle", "cyan circle")
+# validation classes: seen by the base's pretraining captions like every class, but in no train or test prompt
+# of the fine-tuning sets; checkpoint selection and tuning read them, so the test set stays untouched
+VAL_CLASSES: tuple[str, ...] = ("purple square", "blue triangle")
 # web captions: the count is only said for N <= WEB_EXACT_MAX, as in real alt-text
 WEB_EXACT_MAX = 3
 WEB_VAGUE = ("several", "many", "a group of", "some", "")
@@ -265,12 +268,14 @@ def web_caption(cls: str, count: int, rng: np.random.Generator) -> str:
 
 
 def build_prompt_sets(seed: int = 0) -> dict[str, list[dict]]:
-    """The shipped prompt sets: train (counts 1-10, seen classes and templates), test (counts 1-10,
-    every row has a held-out class or the held-out template, so no test prompt is a train prompt),
-    and test_unseen_counts (counts 11-15). Deterministic in ``seed``."""
+    """The shipped prompt sets: train (counts 1-10, seen classes and templates), val (counts 1-10, the
+    ``VAL_CLASSES`` with the train templates: checkpoint selection and tuning), test (counts 1-10, every
+    row has a held-out class or the held-out template, so no test prompt is a train or val prompt), and
+    test_unseen_counts (counts 11-15). Deterministic in ``seed``."""
     rng = np.random.default_rng(seed)
     seen = [c for c in all_classes() if c not in HELDOUT_CLASSES]
-    train = [counting_row(c, n, t) for n in range(1, 11) for c in seen for t in TEMPLATES]
+    train = [counting_row(c, n, t) for n in range(1, 11) for c in seen if c not in VAL_CLASSES for t in TEMPLATES]
+    val = [counting_row(c, n, t) for n in range(1, 11) for c in VAL_CLASSES for t in TEMPLATES]
     test = []
     for n in range(1, 11):
         test += [counting_row(c, n, t) for c in HELDOUT_CLASSES for t in TEMPLATES + (HELDOUT_TEMPLATE,)]
@@ -280,7 +285,7 @@ def build_prompt_sets(seed: int = 0) -> dict[str, list[dict]]:
         rows = [counting_row(c, n, t) for c in all_classes() for t in (TEMPLATES[0], HELDOUT_TEMPLATE)]
         pick = rng.choice(len(rows), size=20, replace=False)
         unseen += [rows[i] for i in sorted(pick)]
-    return {"train": train, "test": test, "test_unseen_counts": unseen}
+    return {"train": train, "val": val, "test": test, "test_unseen_counts": unseen}
 
 
 def write_prompt_sets(out_dir: str | Path, seed: int = 0) -> dict[str, int]:

@@ -57,7 +57,10 @@ class GRPOParams:
     lora_rank: int = 16                                    # LoRA r
     lora_alpha: int = 16                                   # LoRA alpha
     train_prompts: str = "data/counting/train.jsonl"       # GenEval-format rows to train on
-    eval_prompts: str = "data/counting/test.jsonl"         # held-out rows for the per-epoch evaluation
+    eval_prompts: str = "data/counting/val.jsonl"          # val rows: per-epoch evaluation, checkpoint selection
+    eval_images_per_prompt: int = 1                        # per-epoch evaluation: images per val prompt
+    num_processes: int = 1                                 # notebook 02: >1 trains under accelerate launch (CPU: 1 thread each)
+    test_prompts: str = "data/counting/test.jsonl"         # test rows: only the final evaluation reads them
     reward: dict[str, float] = field(default_factory=lambda: {"counting_strict": 1.0})  # name -> weight
     reward_server_url: str = ""                            # score remotely (grpo_lib.server) instead; "" local
     resolution: int = 512                                  # image size for sd3 / showo2 (embedded: checkpoint's)
@@ -125,7 +128,7 @@ class GRPOParams:
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of ('no', 'fp16', 'bf16')")
         for name in ("num_steps", "eval_num_steps", "group_size", "batch_size", "batches_per_epoch",
                      "updates_per_epoch", "num_epochs", "eval_every", "save_every", "eval_max_prompts",
-                     "final_images_per_prompt"):
+                     "final_images_per_prompt", "eval_images_per_prompt", "num_processes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.batches_per_epoch % self.updates_per_epoch:
@@ -171,6 +174,12 @@ def sample_seed(seed: int, epoch: int, index: int, stream: str) -> int:
     """Seed of one sample's randomness, independent of how samples are split over processes."""
     h = hashlib.blake2b(f"{seed}/{epoch}/{index}/{stream}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def test_seed(seed: int) -> int:
+    """Seed of the final test evaluation's noise: used by nothing else (training keys its noise on
+    ``sample_seed`` streams, selection on :func:`selection_seed`)."""
+    return seed + 7_000_003
 
 
 def selection_seed(seed: int) -> int:
@@ -577,11 +586,13 @@ class GRPOTrainer:
         ctx = self.ema.swapped_in(self.params_list) if self.ema else contextlib.nullcontext()
         rewards, infos = [], []
         with ctx:   # fixed per-(prompt, k) seeds, apart from the final evaluation's (selection_seed)
-            images, _ = sample_for_rows(self.policy, rows, images_per_prompt=1, num_steps=p.eval_num_steps,
+            images, _ = sample_for_rows(self.policy, rows, images_per_prompt=p.eval_images_per_prompt,
+                                        num_steps=p.eval_num_steps,
                                         shift=p.shift, guidance_scale=p.eval_guidance_scale,
                                         seed=selection_seed(p.seed), batch_size=p.batch_size)
-            for k in range(0, len(rows), p.batch_size):
-                chunk = rows[k:k + p.batch_size]
+            flat = [r for r in rows for _ in range(p.eval_images_per_prompt)]
+            for k in range(0, len(flat), p.batch_size):
+                chunk = flat[k:k + p.batch_size]
                 r, info = self.reward_fn(images[k:k + p.batch_size], [r["prompt"] for r in chunk], chunk)
                 rewards.append(np.asarray(r, np.float32))
                 infos.append(info)

@@ -67,9 +67,13 @@ def test_prompt_sets_split_and_format():
     sets = build_prompt_sets(seed=0)
     train_prompts = {r["prompt"] for r in sets["train"]}
     test_prompts = {r["prompt"] for r in sets["test"]}
+    val_prompts = {r["prompt"] for r in sets["val"]}
     assert not train_prompts & test_prompts
+    assert not val_prompts & (train_prompts | test_prompts)          # val: prompts of its own
+    assert len(sets["val"]) == 140 and {row_target(r)[0] for r in sets["val"]} == set(scenes.VAL_CLASSES)
+    assert {n: sum(row_target(r)[1] == n for r in sets["val"]) for n in range(1, 11)} == {n: 14 for n in range(1, 11)}
     train_classes = {row_target(r)[0] for r in sets["train"]}
-    assert not train_classes & set(scenes.HELDOUT_CLASSES)
+    assert not train_classes & (set(scenes.HELDOUT_CLASSES) | set(scenes.VAL_CLASSES))
     assert not any(scenes.HELDOUT_TEMPLATE.split("{n}")[0] in p for p in train_prompts)
     per_count = {n: sum(row_target(r)[1] == n for r in sets["test"]) for n in range(1, 11)}
     assert min(per_count.values()) * 4 >= 200, per_count     # 4 images/prompt -> >= 200 per bucket

@@ -60,8 +60,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from . import checkpoints
+from .checkpoints import atomic_save_dir, atomic_write_text
 from .flow_matching import WEIGHTINGS, flow_matching_loss, sample_timesteps
-from .train import _flat_allreduce_mean, atomic_save_dir, atomic_write_text, sample_seed
+from .seeding import sample_seed
+from .train import _flat_allreduce_mean
 
 WORLDS = ("embedded", "sd3")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -156,34 +159,14 @@ class ColdStartParams:
 # ---------------------------------------------------------------------------------------------
 # Policy and data
 # ---------------------------------------------------------------------------------------------
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def build_policy(p: ColdStartParams, device) -> Any:
-    """The base model of ``p.model`` with a fresh LoRA (r = ``lora_rank``, alpha = ``lora_alpha``, B = 0).
-
-    peft draws the LoRA's A matrices from torch's global generator; it is seeded from ``p.seed`` inside
-    ``fork_rng`` so the same params give the same initial adapter without disturbing the caller's stream.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed(p.seed, 0, 0, "cold_start_lora_init"))
-        return _build_policy(p, device)
-
-
-def _build_policy(p: ColdStartParams, device) -> Any:
-    lora = {"r": p.lora_rank, "lora_alpha": p.lora_alpha}
-    if p.world == "embedded":
-        from .policies.tiny import TinyPolicy
-        policy = TinyPolicy.from_pretrained(p.model, device=device, convention=p.convention)
-        if p.resolution and p.resolution != policy.config.image_size:
-            raise ValueError(f"resolution={p.resolution} but the embedded checkpoint {p.model!r} draws "
-                             f"{policy.config.image_size}x{policy.config.image_size}; use 0 (the model's own)")
-        policy.add_lora(lora)
-        return policy
-    from .policies.sd3 import SD3Policy
-    size = p.resolution or 512          # SD3.5-Medium's Flow-GRPO resolution
-    return SD3Policy.from_pretrained(p.model, device=device, dtype=_DTYPES[p.mixed_precision], lora=lora,
-                                     height=size, width=size)
+    """The base model of ``p.model`` with a fresh LoRA (r = ``lora_rank``, alpha = ``lora_alpha``, B = 0),
+    initialised under a generator keyed on ``p.seed`` (:func:`grpo_lib.checkpoints.build_policy`)."""
+    policy = checkpoints.build_policy(p, device, stream="cold_start_lora_init", merges=[], trainable="lora")
+    if p.world == "embedded" and p.resolution and p.resolution != policy.config.image_size:
+        raise ValueError(f"resolution={p.resolution} but the embedded checkpoint {p.model!r} draws "
+                         f"{policy.config.image_size}x{policy.config.image_size}; use 0 (the model's own)")
+    return policy
 
 
 def denoiser(policy) -> torch.nn.Module:
@@ -338,9 +321,9 @@ class ColdStart:
         final = self.ckpt_dir / f"step_{self.step:06d}"
 
         def build(tmp: Path) -> None:
-            torch.save({"step": self.step, "elapsed": self.elapsed, "history": self.history,
-                        "trainable": [q.detach().cpu().clone() for q in self.params_list],
-                        "optimizer": self.opt.state_dict()}, tmp / "state.pt")
+            checkpoints.save_state({"step": self.step, "elapsed": self.elapsed, "history": self.history,
+                                    "trainable": [q.detach().cpu().clone() for q in self.params_list],
+                                    "optimizer": self.opt.state_dict()}, tmp / "state.pt")
             self.policy.save_lora(tmp / "lora")
 
         atomic_save_dir(build, final)
@@ -350,10 +333,16 @@ class ColdStart:
 
     def maybe_resume(self) -> bool:
         latest = self.ckpt_dir / "latest"
-        if not (self.p.resume and latest.is_file()):
+        if not self.p.resume:
+            return False
+        if self.acc.is_main_process:
+            for stale in checkpoints.clean_stale_tmp(self.ckpt_dir):
+                self._log(f"removed {stale.name}, left by a killed checkpoint write")
+        if not latest.is_file():
+            self._log(f"resume: true but no checkpoint under {self.ckpt_dir}: starting from scratch")
             return False
         path = self.ckpt_dir / latest.read_text().strip()
-        state = torch.load(path / "state.pt", weights_only=False, map_location="cpu")
+        state = checkpoints.load_state(path / "state.pt")
         if len(state["trainable"]) != len(self.params_list) or any(
                 s.shape != q.shape for s, q in zip(state["trainable"], self.params_list)):
             raise ValueError(f"checkpoint {str(path)!r} holds LoRA tensors of other shapes than this run's "

@@ -486,13 +486,12 @@ def images_from_source(p: EvalParams, progress: bool = False) -> tuple[np.ndarra
         return render_rows(flat, seed=p.seed)[0], flat
     import torch
 
-    from grpo_lib.policies.tiny import TinyPolicy
+    from grpo_lib.checkpoints import Recipe, load_policy
     from grpo_lib.rollout import sample_for_rows
     if p.num_threads:
         torch.set_num_threads(p.num_threads)
-    policy = TinyPolicy.from_pretrained(p.checkpoint, convention=p.convention)
-    if p.lora:
-        policy.load_lora(p.lora)
+    # a GRPO checkpoint's LoRA carries its EMA weights when it has them (as the widget and the experiment)
+    policy = load_policy(Recipe(Path(p.checkpoint), lora=Path(p.lora) if p.lora else None), convention=p.convention)
     return sample_for_rows(policy, rows, images_per_prompt=p.images_per_prompt, num_steps=p.num_steps,
                            shift=p.shift, guidance_scale=p.guidance_scale, seed=p.seed,
                            batch_size=p.batch_size, progress=progress)

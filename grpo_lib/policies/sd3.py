@@ -361,6 +361,16 @@ class SD3Policy:
             return contextlib.nullcontext()  # no adapter: the policy is its own reference
         return adapters_disabled(self.transformer)
 
+    @property
+    def has_frozen_reference(self) -> bool:
+        """False: ``reference()`` switches the LoRA off."""
+        return False
+
+    def train_mode(self, on: bool) -> None:
+        """The transformer stays in eval mode (SD3's MMDiT has no active dropout in Flow-GRPO, and the update
+        must recompute exactly the rollout's log-probs)."""
+        self.transformer.train(False)
+
     def merge_lora(self, *, new_adapter: bool = True, lora: Any = None) -> None:
         """W <- W + (alpha / r) B A for every LoRA layer; then the adapter is removed and, with
         ``new_adapter``, a fresh one (config ``lora``) is added for GRPO. Afterwards ``reference()``

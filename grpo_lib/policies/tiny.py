@@ -373,6 +373,17 @@ class TinyPolicy(nn.Module):
             return contextlib.nullcontext()
         return adapters_disabled(self.unet)
 
+    @property
+    def has_frozen_reference(self) -> bool:
+        """False: ``reference()`` switches the LoRA off; a trainer training the weights themselves keeps its
+        own frozen copy (``base.FrozenReference``)."""
+        return False
+
+    def train_mode(self, on: bool) -> None:
+        """The UNet stays in eval mode whatever ``on`` says: it has no dropout, and the update must recompute
+        exactly the rollout's log-probs."""
+        self.eval()
+
     def merge_lora(self, *, new_adapter: bool = False, lora: Any = None) -> None:
         """W <- W + (alpha / r) B A in every LoRA layer, then drop the adapter: the merged model becomes
         the base, hence the KL reference. ``new_adapter`` attaches a fresh LoRA (config ``lora``) afterwards."""

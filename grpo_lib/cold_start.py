@@ -255,7 +255,7 @@ class ColdStart:
     def __init__(self, params: ColdStartParams, *, policy=None, accelerator=None):
         from accelerate import Accelerator
 
-        from . import scenes
+        from .prompts import load_rows
 
         self.p = p = params
         if p.num_threads:
@@ -271,7 +271,7 @@ class ColdStart:
         if self.acc.is_main_process:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         embedded = p.world == "embedded"
-        self.eval_rows = select_eval_rows(scenes.load_rows(p.eval_prompts, embedded=embedded),
+        self.eval_rows = select_eval_rows(load_rows(p.eval_prompts, embedded=embedded),
                                           p.eval_prompts_per_count) if p.eval_prompts else []
         self.policy = policy if policy is not None else build_policy(p, self.acc.device)
         self.module = denoiser(self.policy)
@@ -279,7 +279,7 @@ class ColdStart:
         if not self.params_list:
             raise ValueError("the policy has no trainable parameters; cold start trains a LoRA (add_lora first)")
         if embedded:
-            self.data = EmbeddedCountingData(scenes.load_rows(p.prompts), p.seed, size=self.policy.latent_shape[-1])
+            self.data = EmbeddedCountingData(load_rows(p.prompts), p.seed, size=self.policy.latent_shape[-1])
         else:
             self.data = ImageFolderData(self.policy, p.image_folder, self.policy.height, p.seed,
                                         batch_size=p.eval_batch_size, progress=p.progress)

@@ -394,7 +394,7 @@ def load_imagefolder(folder: str | Path) -> tuple[np.ndarray, list[dict]]:
     lines hold ``file_name`` and the row's ``tag`` / ``include`` / ``exclude`` / ``prompt``)."""
     from PIL import Image
 
-    from grpo_lib.scenes import row_target
+    from grpo_lib.prompts import row_target
 
     folder = Path(folder)
     meta = folder / "metadata.jsonl"
@@ -468,7 +468,7 @@ class EvalParams:
 
 
 def _rows(p: EvalParams) -> list[dict]:
-    from grpo_lib.scenes import load_rows
+    from grpo_lib.prompts import load_rows
     rows = load_rows(p.prompts)
     if p.max_prompts and p.max_prompts < len(rows):     # spread: prompt files are sorted by count
         rows = [rows[i] for i in np.linspace(0, len(rows) - 1, p.max_prompts).round().astype(int)]

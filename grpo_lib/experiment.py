@@ -89,9 +89,9 @@ class CountingExperiment:
         return ["base"] + (["cold_start"] if self.p.cold_start_lora else []) + ["grpo"]
 
     def rows(self, which: str) -> list[dict]:
-        from grpo_lib import scenes
+        from grpo_lib.prompts import load_rows
         path = {"test": self.p.eval_prompts, "unseen": self.p.unseen_prompts}[which]
-        return spread_subset(scenes.load_rows(path), self.p.final_max_prompts)
+        return spread_subset(load_rows(path), self.p.final_max_prompts)
 
     def evaluate(self, which: str = "test", stages: list[str] | None = None, progress: bool = True
                  ) -> dict[str, pd.DataFrame]:

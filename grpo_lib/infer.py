@@ -167,7 +167,7 @@ def pick_prompt(world: str, seed: int) -> dict:
     """A random row of the world's test prompts (``random.Random(seed)``)."""
     import random
 
-    from .scenes import load_rows
+    from .prompts import load_rows
     rows = load_rows(TEST_PROMPTS[world], embedded=world == "embedded")
     return random.Random(seed).choice(rows)
 

@@ -193,7 +193,8 @@ class GRPOTrainer:
     def __init__(self, params: GRPOParams, *, policy=None, reward_fn=None, accelerator=None):
         from accelerate import Accelerator
 
-        from grpo_lib import grpo, scenes
+        from grpo_lib import grpo
+        from grpo_lib.prompts import load_rows
 
         self.p = params
         self.acc = accelerator or Accelerator(mixed_precision=params.mixed_precision,
@@ -204,8 +205,8 @@ class GRPOTrainer:
         if self.acc.is_main_process:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         embedded = params.world == "embedded"
-        self.train_rows = scenes.load_rows(params.train_prompts, embedded=embedded)
-        self.eval_rows = spread_subset(scenes.load_rows(params.eval_prompts, embedded=embedded),
+        self.train_rows = load_rows(params.train_prompts, embedded=embedded)
+        self.eval_rows = spread_subset(load_rows(params.eval_prompts, embedded=embedded),
                                        params.eval_max_prompts) if params.eval_prompts else []
         self.policy = policy if policy is not None else load_policy_for(params, self.acc.device)
         if reward_fn is None:

@@ -247,7 +247,7 @@ class InferencePreview:
 
     # -- inputs -------------------------------------------------------------------------------
     def _fill_prompt(self, _change=None) -> None:
-        from .scenes import counting_row
+        from .prompts import counting_row
 
         if self.cls.value != self.CUSTOM:
             self.prompt.value = counting_row(self.cls.value, int(self.count.value))["prompt"]

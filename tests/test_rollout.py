@@ -318,7 +318,7 @@ def test_sample_for_rows_is_batching_invariant():
     import torch
     from grpo_lib.policies.tiny import TinyConfig, TinyPolicy
     from grpo_lib.rollout import sample_for_rows
-    from grpo_lib.scenes import counting_row
+    from grpo_lib.prompts import counting_row
 
     policy = TinyPolicy(TinyConfig(block_out_channels=(16, 32, 32), text_dim=32, text_layers=1), seed=0)
     rows = [counting_row("red circle", n) for n in (1, 2, 3)]

@@ -660,15 +660,14 @@ def run(params: ColdStartParams, **kwargs) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .params import load_params, parse_overrides
+    from .params import load_params_with_set
 
     ap = argparse.ArgumentParser(description="Cold start: LoRA flow-matching finetuning on exact-count data")
     ap.add_argument("params", help="params/01_cold_start__<experiment>.yaml")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
                     help="override fields, e.g. --set steps=50 run_dir=runs/x")
     args = ap.parse_args(argv)
-    overrides = parse_overrides(args.set)
-    params = load_params(args.params, ColdStartParams, **overrides)
+    params = load_params_with_set(args.params, ColdStartParams, args.set)
     summary = run(params)
     print(json.dumps({k: v for k, v in summary.items() if k != "params"}, indent=1))
     gc.collect()

@@ -20,13 +20,15 @@ from grpo_lib.memory import PeakMemory
 
 REPO = Path(__file__).resolve().parents[1]
 
-# (notebook, params experiment) in execution order; later issues append their stages here.
-STAGES: list[tuple[str, str]] = [
+# (notebook, params experiment) in execution order; None runs the notebook's own defaults (its parameters
+# cell): 03 evaluates the renderer on the full held-out set (the detector's sanity check, accuracy 1.0),
+# 04 previews the shipped base. Later issues append their stages here.
+STAGES: list[tuple[str, str | None]] = [
     ("00_derivation_checks", "default"),
     ("01_cold_start", "default"),
     ("02_counting_grpo", "strict_first_50"),
-    ("03_evaluate", "default"),
-    ("04_inference_preview", "default"),
+    ("03_evaluate", None),
+    ("04_inference_preview", None),
 ]
 
 
@@ -38,13 +40,14 @@ def execute_notebook(notebook: str, params_file: str | Path | None, out_dir: str
     ``parameters`` override the YAML values (papermill injects both, dict last).
     """
     import papermill as pm
-    import yaml
+
+    from grpo_lib.params import read_yaml
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     merged: dict = {}
-    if params_file is not None:
-        merged.update(yaml.safe_load(Path(params_file).read_text()) or {})
+    if params_file is not None:          # its base: chain resolved, as load_params does for scripts
+        merged.update(read_yaml(params_file))
     merged.update(parameters or {})
     out = out_dir / f"{notebook}.ipynb"
     pm.execute_notebook(str(REPO / "notebooks" / f"{notebook}.ipynb"), str(out), parameters=merged,
@@ -74,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     for notebook, experiment in STAGES:
         if args.only and notebook not in args.only:
             continue
-        params_file = REPO / "params" / f"{notebook}__{experiment}.yaml"
-        print(f"[pipeline] {notebook} with {params_file.relative_to(REPO)} -> runs/{args.name}/", flush=True)
+        params_file = REPO / "params" / f"{notebook}__{experiment}.yaml" if experiment else None
+        used = params_file.relative_to(REPO) if params_file else "its defaults"
+        print(f"[pipeline] {notebook} with {used} -> runs/{args.name}/", flush=True)
         t0 = time.perf_counter()
         with PeakMemory() as mem:   # this process + the papermill kernel (a child)
             executed = execute_notebook(notebook, params_file, run_dir,

@@ -248,21 +248,13 @@ def pretrain(p: PretrainParams, progress: bool = True, stop_at: int | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .params import load_params
+    from .params import load_params_with_set
 
     ap = argparse.ArgumentParser(description="Pretrain the embedded base model (TinyPolicy)")
     ap.add_argument("params", help="params/pretrain__<exp>.yaml")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override params (YAML values)")
     args = ap.parse_args(argv)
-    import yaml
-
-    overrides = {}
-    for kv in args.set:
-        if "=" not in kv:
-            raise ValueError(f"--set {kv!r} must be KEY=VALUE")
-        k, v = kv.split("=", 1)
-        overrides[k] = yaml.safe_load(v)
-    p = load_params(args.params, **overrides)
+    p = load_params_with_set(args.params, None, args.set)
     pretrain(p, progress=sys.stderr.isatty() or True)
     return 0
 

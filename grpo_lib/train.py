@@ -685,15 +685,14 @@ def run(params: GRPOParams, **kwargs) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from grpo_lib.params import load_params, parse_overrides
+    from grpo_lib.params import load_params_with_set
 
     ap = argparse.ArgumentParser(description="Flow-GRPO training from a params YAML")
     ap.add_argument("params", help="params/02_counting_grpo__<experiment>.yaml")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
                     help="override fields, e.g. --set num_epochs=2 run_dir=runs/x")
     args = ap.parse_args(argv)
-    overrides = parse_overrides(args.set)
-    params = load_params(args.params, GRPOParams, **overrides)
+    params = load_params_with_set(args.params, GRPOParams, args.set)
     trainer = GRPOTrainer(params)
     try:
         trainer.fit()

@@ -60,7 +60,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import checkpoints
+from . import checkpoints, progress
 from .checkpoints import atomic_save_dir, atomic_write_text
 from .flow_matching import WEIGHTINGS, flow_matching_loss, sample_timesteps
 from .seeding import sample_seed
@@ -329,6 +329,13 @@ class ColdStart:
         atomic_save_dir(build, final)
         atomic_write_text(self.ckpt_dir / "latest", final.name)
         self.write_loss_csv()
+        p = self.p
+        done = self.step
+        left = progress.eta(done, p.steps, self.elapsed, 60.0 * p.time_budget_minutes)
+        loss = self.history[-1]["loss"] if self.history else float("nan")
+        progress.write(p.run_dir, f"[cold start] step {done}/{p.steps}  loss {loss:.4f}  | "
+                                  f"{progress.duration(self.elapsed)} elapsed, ETA "
+                                  f"{'?' if left != left else progress.duration(left)}")
         return final
 
     def maybe_resume(self) -> bool:

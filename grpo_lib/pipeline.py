@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from grpo_lib import progress
 from grpo_lib.memory import PeakMemory
+from grpo_lib.progress import Tail
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +32,24 @@ STAGES: list[tuple[str, str | None]] = [
     ("03_evaluate", None),
     ("04_inference_preview", None),
 ]
+
+
+def _kernel_manager_class():
+    """jupyter_client's async kernel manager on IPC transport (Unix sockets in the Jupyter runtime dir).
+
+    Over TCP, ipykernel warns at every start that "Kernel is running over TCP without encryption" (the
+    channels listen on 127.0.0.1 in plain text). Unix sockets are reachable only through the file system
+    (mode 0700 runtime dir), so the kernel's channels are not exposed at all and the warning has no cause.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self) -> str:
+            return "ipc"
+
+    return IPCKernelManager
 
 
 def execute_notebook(notebook: str, params_file: str | Path | None, out_dir: str | Path,
@@ -51,7 +71,8 @@ def execute_notebook(notebook: str, params_file: str | Path | None, out_dir: str
     merged.update(parameters or {})
     out = out_dir / f"{notebook}.ipynb"
     pm.execute_notebook(str(REPO / "notebooks" / f"{notebook}.ipynb"), str(out), parameters=merged,
-                        kernel_name=kernel, cwd=str(REPO), progress_bar=False, log_output=log_output)
+                        kernel_name=kernel, cwd=str(REPO), progress_bar=False, log_output=log_output,
+                        kernel_manager_class=_kernel_manager_class())
     return out
 
 
@@ -81,10 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         used = params_file.relative_to(REPO) if params_file else "its defaults"
         print(f"[pipeline] {notebook} with {used} -> runs/{args.name}/", flush=True)
         t0 = time.perf_counter()
-        with PeakMemory() as mem:   # this process + the papermill kernel (a child)
+        # the kernel's own output lands in the executed notebook; its progress lines (epochs, evaluations,
+        # elapsed, ETA) reach the terminal through progress.log while it runs
+        with PeakMemory() as mem, Tail(run_dir / progress.FILE, emit=lambda line: print(line, flush=True)):
             executed = execute_notebook(notebook, params_file, run_dir,
                                         parameters={"run_dir": str(run_dir.relative_to(REPO))},
-                                        kernel=args.kernel, log_output=True)
+                                        kernel=args.kernel)
             export_html(executed)
         timings[notebook] = round(time.perf_counter() - t0, 1)
         peaks[notebook] = round(mem.peak_gib, 2)

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from grpo_lib import checkpoints
+from grpo_lib import checkpoints, progress
 from grpo_lib.checkpoints import atomic_save_dir, atomic_write_text  # noqa: F401  (re-exported)
 from grpo_lib.policies.base import FrozenReference, select_trainable  # noqa: F401  (re-exported)
 from grpo_lib.seeding import sample_seed
@@ -236,6 +236,7 @@ class GRPOTrainer:
         self.guard_reference: dict | None = None
         self._tb = None
         self._pool = ThreadPoolExecutor(max_workers=1)   # the reward runs beside the next rollout
+        self._t_progress, self._epoch_progress = time.perf_counter(), 0   # for progress.log's elapsed / ETA
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -314,6 +315,7 @@ class GRPOTrainer:
     def maybe_resume(self) -> bool:
         """With ``resume: true``, continue from the newest readable checkpoint: ``latest``, else (a corrupt
         one is skipped with a warning naming it) the one before. No checkpoint at all is said, not silent."""
+        self._t_progress, self._epoch_progress = time.perf_counter(), self.epoch
         if not self.p.resume:
             return False
         if self.acc.is_main_process:
@@ -327,6 +329,7 @@ class GRPOTrainer:
                 self._log_event(f"WARNING: checkpoint {path.name} is unreadable, trying the one before it: {e}")
                 continue
             self._log_event(f"resumed from {path.name} (epoch {self.epoch})")
+            self._epoch_progress = self.epoch
             return True
         self._log_event(f"resume: true but no checkpoint under {self.ckpt_dir}: starting from scratch")
         return False
@@ -605,6 +608,12 @@ class GRPOTrainer:
             self._tb.flush()
         except ImportError:   # tensorboard is optional on GPU nodes; the CSV is the record
             pass
+        # one terminal line per epoch and per evaluation: the pipeline tails progress.log while the notebook runs
+        elapsed = time.perf_counter() - self._t_progress
+        left = progress.eta(row["epoch"] - self._epoch_progress, self.p.num_epochs - self._epoch_progress, elapsed,
+                            60.0 * self.p.time_budget_minutes)
+        for line in progress.epoch_line(row, self.p.num_epochs, elapsed, left):
+            progress.write(self.run_dir, line)
         if self.p.progress:
             keys = [k for k in ("reward_mean", "strict_accuracy", "zero_std_ratio", "approx_kl", "clipfrac",
                                 "kl", "eval_reward", "guard_pass", "seconds_epoch") if k in row]

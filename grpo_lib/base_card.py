@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from . import scenes
+from .sde import draw_noise
 from .prompts import load_rows, row_target
 from .sde import sd3_sigmas, sde_step_with_logprob
 
@@ -53,7 +54,7 @@ def sample_images(policy, prompts: Sequence[str], *, steps: int = 20, guidance_s
     for s in range(0, len(prompts), batch_size):
         chunk = list(prompts[s:s + batch_size])
         cond = policy.encode(chunk)
-        x = torch.randn((len(chunk), *policy.latent_shape), generator=gen).to(policy.device)   # (B, C, H, W)
+        x = draw_noise((len(chunk), *policy.latent_shape), gen, policy.device)   # (B, C, H, W)
         for i in range(steps):
             v = policy.velocity(x, float(times[i]), cond, guidance_scale)
             x, _, _, _ = sde_step_with_logprob(v, float(times[i]), float(times[i + 1]), x, noise_level=0.0,

@@ -63,6 +63,7 @@ import torch
 from . import checkpoints, progress
 from .checkpoints import atomic_save_dir, atomic_write_text
 from .flow_matching import WEIGHTINGS, flow_matching_loss, sample_timesteps
+from .sde import draw_noise
 from .seeding import sample_seed
 from .train import _flat_allreduce_mean
 
@@ -309,7 +310,7 @@ class ColdStart:
             out_prompts.append("" if drop else prompt)
             ts.append(sample_timesteps(1, g, p.logit_mean, p.logit_std, shift=p.timestep_shift,
                                        convention=self.policy.convention))
-            noises.append(torch.randn((1, *self.policy.latent_shape), generator=g))
+            noises.append(draw_noise((1, *self.policy.latent_shape), g, "cpu"))
         return x0, out_prompts, torch.cat(ts), torch.cat(noises)                           # (B,), (B, C, H, W)
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -623,7 +624,7 @@ class ColdStart:
 
     def _probe(self):
         g = torch.Generator().manual_seed(sample_seed(self.p.seed, 0, 0, "cold_start_probe"))
-        x = torch.randn((2, *self.policy.latent_shape), generator=g).to(self.policy.device)
+        x = draw_noise((2, *self.policy.latent_shape), g, self.policy.device)
         prompts = [r["prompt"] for r in self.eval_rows[:2]] or ["a photo of two red circles"] * 2
         prompts = (prompts * 2)[:2]
         t = torch.tensor([0.3, 0.8], device=self.policy.device)

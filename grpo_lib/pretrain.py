@@ -141,6 +141,7 @@ def pretrain(p: PretrainParams, progress: bool = True, stop_at: int | None = Non
 
     from .checkpoints import load_state, save_state
     from .flow_matching import flow_matching_loss, sample_timesteps
+    from .sde import draw_noise
     from .params import to_dict
     from .policies.tiny import TinyPolicy
 
@@ -207,7 +208,7 @@ def pretrain(p: PretrainParams, progress: bool = True, stop_at: int | None = Non
         drop = rng.random(p.batch_size) < p.caption_dropout
         caps = ["" if d else captions[i] for d, i in zip(drop, idx.tolist())]
         t = sample_timesteps(p.batch_size, gen, p.logit_mean, p.logit_std)     # logit-normal, noise_at_one
-        eps = torch.randn(x0.shape, generator=gen)
+        eps = draw_noise(x0.shape, gen, "cpu")
         for g in opt.param_groups:
             g["lr"] = p.lr * lr_factor(step, elapsed, p)
         loss = flow_matching_loss(policy, x0, policy.encode(caps), t=t, noise=eps)

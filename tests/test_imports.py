@@ -102,3 +102,35 @@ def test_the_policy_contract_replaces_getattr_probes():
     policy.train()
     policy.train_mode(True)            # every shipped policy stays in eval: the update recomputes the rollout
     assert not policy.unet.training
+
+
+def _definitions(name: str) -> list[str]:
+    """Modules of grpo_lib that define a function / class / module-level constant called ``name``."""
+    out = []
+    for f in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
+                out.append(f.relative_to(PKG).as_posix())
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                    out.append(f.relative_to(PKG).as_posix())
+    return out
+
+
+def test_one_definition_per_primitive():
+    """Issue 14 item 8: each primitive is written once and imported elsewhere."""
+    assert _definitions("flow_matching_loss") == ["flow_matching.py"]
+    assert _definitions("sample_timesteps") == ["flow_matching.py"] and _definitions("sample_t") == []
+    assert _definitions("CONVENTIONS") == ["sde.py"] and _definitions("check_convention") == ["sde.py"]
+    assert _definitions("draw_noise") == ["sde.py"] and _definitions("_initial_noise") == []
+    assert _definitions("check_images") == ["rewards/detector.py"]
+    assert _definitions("check_velocity_args") == ["policies/base.py"]
+    assert _definitions("atomic_save_dir") == ["checkpoints.py"] and _definitions("atomic_write_text") == ["checkpoints.py"]
+    # seed hashing: blake2b-to-seed lives in seeding.py only (train's weights_digest hashes weights, not seeds)
+    hashing = [f.relative_to(PKG).as_posix() for f in PKG.rglob("*.py") if "blake2b(" in f.read_text()]
+    assert sorted(hashing) == ["seeding.py", "train.py"]
+    assert "blake2b(digest_size=6)" in (PKG / "train.py").read_text()
+    # the logit-normal sampler and the rectified-flow target are computed in flow_matching.py only
+    assert [f.name for f in PKG.rglob("*.py") if "torch.sigmoid(mean + std" in f.read_text()] == ["flow_matching.py"]
+    assert "policy._net(" not in (PKG / "pretrain.py").read_text()

@@ -23,6 +23,7 @@ velocity field and the tiny, SD3 and Show-o2 policies share one training loop.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, Sequence, runtime_checkable
@@ -30,7 +31,8 @@ from typing import Iterator, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-CONVENTIONS = ("noise_at_one", "noise_at_zero")
+from grpo_lib.sde import CONVENTIONS, check_convention  # noqa: F401  (one definition, re-exported for policies)
+
 
 
 @dataclass
@@ -101,10 +103,27 @@ class Policy(Protocol):
     def train_mode(self, on: bool) -> None: ...
 
 
-def check_convention(convention: str) -> str:
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention={convention!r} is not one of {CONVENTIONS}")
-    return convention
+def check_velocity_args(x_t, cond: "Cond", guidance_scale, latent_shape: Sequence[int] | None = None) -> int:
+    """The ``velocity(x_t, t, cond, guidance_scale)`` contract's argument checks; returns the batch size B.
+
+    x_t: a tensor (B, C, H, W) (of shape (B, *latent_shape) when given); cond: a :class:`Cond` of B rows;
+    guidance_scale: a finite number >= 0 (1 = no CFG). Each failure is a ValueError naming the value.
+    """
+    if latent_shape is not None:
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4 or tuple(x_t.shape[1:]) != tuple(latent_shape):
+            raise ValueError(f"x_t must be a tensor of shape (B, {', '.join(map(str, latent_shape))}), got "
+                             f"{tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__}")
+    elif not (isinstance(x_t, torch.Tensor) and x_t.is_floating_point() and x_t.ndim == 4):
+        raise ValueError(f"x_t must be a float tensor (B, C, h, w), got "
+                         f"{type(x_t).__name__} {tuple(getattr(x_t, 'shape', ()))}")
+    B = x_t.shape[0]
+    if not isinstance(cond, Cond) or len(cond) != B:
+        raise ValueError(f"cond holds {len(cond) if isinstance(cond, Cond) else type(cond).__name__} prompts "
+                         f"but x_t holds {B} samples: cond must be a Cond with {B} rows (one per sample)")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0 (1 = no CFG)")
+    return B
 
 
 def apply_cfg(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:

@@ -75,7 +75,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .base import Cond, FrozenReference, apply_cfg, images_to_uint8, select_trainable
+from .base import Cond, FrozenReference, apply_cfg, check_velocity_args, images_to_uint8, select_trainable
 
 # ------------------------------------------------------------------------------------------------
 # Constants
@@ -497,15 +497,7 @@ class ShowO2Policy:
         predicts dx_t/dt = x_1 - x_0 in the ``noise_at_zero`` convention. No ``no_grad`` (GRPO
         differentiates through it); Show-o2's ``t2i_generate`` is decorated with ``no_grad``, so it is not used.
         """
-        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4 or tuple(x_t.shape[1:]) != self.latent_shape:
-            raise ValueError(f"x_t must be a tensor of shape (B, {', '.join(map(str, self.latent_shape))}), got "
-                             f"{tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__}")
-        B = x_t.shape[0]
-        if len(cond) != B:
-            raise ValueError(f"cond holds {len(cond)} prompts but x_t holds {B} samples")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0 (1 = no CFG)")
+        B = check_velocity_args(x_t, cond, guidance_scale, self.latent_shape)
         dev = self.device
         tt = _batch_time(t, B, dev)                                                    # (B,)
         x = x_t.to(dev)

@@ -30,7 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from grpo_lib.scenes import build_prompt_sets, render_rows  # noqa: E402
+from grpo_lib.prompts import build_prompt_sets  # noqa: E402
+from grpo_lib.scenes import render_rows  # noqa: E402
 from grpo_lib.server import RemoteCountingReward  # noqa: E402
 
 

@@ -28,7 +28,7 @@ import torch
 from grpo_lib.grpo import select_timesteps
 from grpo_lib.policies.tiny import TinyConfig, TinyPolicy
 from grpo_lib.rollout import recompute_log_prob, sample_trajectories
-from grpo_lib.train import select_trainable
+from grpo_lib.policies.base import select_trainable
 
 HEAD_PATTERN = r"pattern:^unet\.(up_blocks|conv_norm_out|conv_out)\."
 

@@ -14,7 +14,7 @@ import torch
 
 from grpo_lib.base_card import sample_images
 from grpo_lib.policies.tiny import TinyPolicy
-from grpo_lib.pretrain import flow_matching_loss, sample_t
+from grpo_lib.flow_matching import flow_matching_loss, sample_timesteps
 
 
 def _timed(fn, repeats: int) -> tuple[float, float]:
@@ -45,7 +45,7 @@ def main() -> None:
     caps = ["a photo of three red circles", "several blue squares"] * (B // 2) + ["one green triangle"] * (B % 2)
 
     def train_step():
-        loss = flow_matching_loss(policy, x0, caps, sample_t(B, 0.0, 1.0), torch.randn_like(x0))
+        loss = flow_matching_loss(policy, x0, policy.encode(caps), t=sample_timesteps(B), noise=torch.randn_like(x0))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 from . import scenes
+from .sde import draw_noise
+from .prompts import load_rows, row_target
 from .sde import sd3_sigmas, sde_step_with_logprob
 
 FG_THRESHOLD = 40      # max |pixel - background| over channels (0-255) above which a pixel is foreground
@@ -52,7 +54,7 @@ def sample_images(policy, prompts: Sequence[str], *, steps: int = 20, guidance_s
     for s in range(0, len(prompts), batch_size):
         chunk = list(prompts[s:s + batch_size])
         cond = policy.encode(chunk)
-        x = torch.randn((len(chunk), *policy.latent_shape), generator=gen).to(policy.device)   # (B, C, H, W)
+        x = draw_noise((len(chunk), *policy.latent_shape), gen, policy.device)   # (B, C, H, W)
         for i in range(steps):
             v = policy.velocity(x, float(times[i]), cond, guidance_scale)
             x, _, _, _ = sde_step_with_logprob(v, float(times[i]), float(times[i + 1]), x, noise_level=0.0,
@@ -101,7 +103,7 @@ def quick_figures(images: np.ndarray, rows: Sequence[dict]) -> dict:
     n_obj = n_well = n_clean = n_color = 0
     found = []
     for img, row in zip(images, rows):
-        cls, count = scenes.row_target(row)
+        cls, count = row_target(row)
         d = quick_detect(img)
         found.append(d["count"])
         per_count[count][0] += int(d["count"] == count)
@@ -141,7 +143,7 @@ def shape_counter_figures(images: np.ndarray, rows: Sequence[dict]) -> dict:
     """
     from .rewards.detector import ShapeCounter, area_quality
 
-    targets = [scenes.row_target(r) for r in rows]
+    targets = [row_target(r) for r in rows]
     classes, counts = [c for c, _ in targets], [n for _, n in targets]
     dets = ShapeCounter().detect(images, classes, counts)
     per_count = defaultdict(lambda: [0, 0])
@@ -192,7 +194,7 @@ def evaluate_base(model_dir: str | Path, prompts_path: str | Path = "data/counti
     from .policies.tiny import TinyPolicy
 
     policy = TinyPolicy.from_pretrained(model_dir)
-    rows = scenes.load_rows(prompts_path)
+    rows = load_rows(prompts_path)
     if limit:
         rng = np.random.default_rng(seed)
         rows = [rows[i] for i in sorted(rng.choice(len(rows), size=min(limit, len(rows)), replace=False))]
@@ -208,12 +210,12 @@ def evaluate_base(model_dir: str | Path, prompts_path: str | Path = "data/counti
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         # grid ordered by asked count (row k = count k) so merging / speckle is easy to spot
-        order = np.argsort([scenes.row_target(r)[1] for r in rows], kind="stable")
-        pick = np.concatenate([order[np.array([scenes.row_target(rows[i])[1] for i in order]) == k][:16]
+        order = np.argsort([row_target(r)[1] for r in rows], kind="stable")
+        pick = np.concatenate([order[np.array([row_target(rows[i])[1] for i in order]) == k][:16]
                                for k in range(1, 11)])
         save_grid(images[pick], out / "grid_by_count.png")
         np.savez_compressed(out / "samples.npz", images=images, prompts=np.array([r["prompt"] for r in rows]),
-                            counts=np.array([scenes.row_target(r)[1] for r in rows]))
+                            counts=np.array([row_target(r)[1] for r in rows]))
         (out / "figures.json").write_text(json.dumps(_public(figs), indent=1))
         (out / "table.md").write_text(markdown_table(figs) + "\n")
     return figs

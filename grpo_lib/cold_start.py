@@ -60,8 +60,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from . import checkpoints, progress
+from .checkpoints import atomic_save_dir, atomic_write_text
 from .flow_matching import WEIGHTINGS, flow_matching_loss, sample_timesteps
-from .train import _flat_allreduce_mean, atomic_save_dir, atomic_write_text, sample_seed
+from .sde import draw_noise
+from .seeding import sample_seed
+from .train import _flat_allreduce_mean
 
 WORLDS = ("embedded", "sd3")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -156,34 +160,14 @@ class ColdStartParams:
 # ---------------------------------------------------------------------------------------------
 # Policy and data
 # ---------------------------------------------------------------------------------------------
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def build_policy(p: ColdStartParams, device) -> Any:
-    """The base model of ``p.model`` with a fresh LoRA (r = ``lora_rank``, alpha = ``lora_alpha``, B = 0).
-
-    peft draws the LoRA's A matrices from torch's global generator; it is seeded from ``p.seed`` inside
-    ``fork_rng`` so the same params give the same initial adapter without disturbing the caller's stream.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed(p.seed, 0, 0, "cold_start_lora_init"))
-        return _build_policy(p, device)
-
-
-def _build_policy(p: ColdStartParams, device) -> Any:
-    lora = {"r": p.lora_rank, "lora_alpha": p.lora_alpha}
-    if p.world == "embedded":
-        from .policies.tiny import TinyPolicy
-        policy = TinyPolicy.from_pretrained(p.model, device=device, convention=p.convention)
-        if p.resolution and p.resolution != policy.config.image_size:
-            raise ValueError(f"resolution={p.resolution} but the embedded checkpoint {p.model!r} draws "
-                             f"{policy.config.image_size}x{policy.config.image_size}; use 0 (the model's own)")
-        policy.add_lora(lora)
-        return policy
-    from .policies.sd3 import SD3Policy
-    size = p.resolution or 512          # SD3.5-Medium's Flow-GRPO resolution
-    return SD3Policy.from_pretrained(p.model, device=device, dtype=_DTYPES[p.mixed_precision], lora=lora,
-                                     height=size, width=size)
+    """The base model of ``p.model`` with a fresh LoRA (r = ``lora_rank``, alpha = ``lora_alpha``, B = 0),
+    initialised under a generator keyed on ``p.seed`` (:func:`grpo_lib.checkpoints.build_policy`)."""
+    policy = checkpoints.build_policy(p, device, stream="cold_start_lora_init", merges=[], trainable="lora")
+    if p.world == "embedded" and p.resolution and p.resolution != policy.config.image_size:
+        raise ValueError(f"resolution={p.resolution} but the embedded checkpoint {p.model!r} draws "
+                         f"{policy.config.image_size}x{policy.config.image_size}; use 0 (the model's own)")
+    return policy
 
 
 def denoiser(policy) -> torch.nn.Module:
@@ -272,7 +256,7 @@ class ColdStart:
     def __init__(self, params: ColdStartParams, *, policy=None, accelerator=None):
         from accelerate import Accelerator
 
-        from . import scenes
+        from .prompts import load_rows
 
         self.p = p = params
         if p.num_threads:
@@ -288,7 +272,7 @@ class ColdStart:
         if self.acc.is_main_process:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         embedded = p.world == "embedded"
-        self.eval_rows = select_eval_rows(scenes.load_rows(p.eval_prompts, embedded=embedded),
+        self.eval_rows = select_eval_rows(load_rows(p.eval_prompts, embedded=embedded),
                                           p.eval_prompts_per_count) if p.eval_prompts else []
         self.policy = policy if policy is not None else build_policy(p, self.acc.device)
         self.module = denoiser(self.policy)
@@ -296,7 +280,7 @@ class ColdStart:
         if not self.params_list:
             raise ValueError("the policy has no trainable parameters; cold start trains a LoRA (add_lora first)")
         if embedded:
-            self.data = EmbeddedCountingData(scenes.load_rows(p.prompts), p.seed, size=self.policy.latent_shape[-1])
+            self.data = EmbeddedCountingData(load_rows(p.prompts), p.seed, size=self.policy.latent_shape[-1])
         else:
             self.data = ImageFolderData(self.policy, p.image_folder, self.policy.height, p.seed,
                                         batch_size=p.eval_batch_size, progress=p.progress)
@@ -326,7 +310,7 @@ class ColdStart:
             out_prompts.append("" if drop else prompt)
             ts.append(sample_timesteps(1, g, p.logit_mean, p.logit_std, shift=p.timestep_shift,
                                        convention=self.policy.convention))
-            noises.append(torch.randn((1, *self.policy.latent_shape), generator=g))
+            noises.append(draw_noise((1, *self.policy.latent_shape), g, "cpu"))
         return x0, out_prompts, torch.cat(ts), torch.cat(noises)                           # (B,), (B, C, H, W)
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -338,22 +322,35 @@ class ColdStart:
         final = self.ckpt_dir / f"step_{self.step:06d}"
 
         def build(tmp: Path) -> None:
-            torch.save({"step": self.step, "elapsed": self.elapsed, "history": self.history,
-                        "trainable": [q.detach().cpu().clone() for q in self.params_list],
-                        "optimizer": self.opt.state_dict()}, tmp / "state.pt")
+            checkpoints.save_state({"step": self.step, "elapsed": self.elapsed, "history": self.history,
+                                    "trainable": [q.detach().cpu().clone() for q in self.params_list],
+                                    "optimizer": self.opt.state_dict()}, tmp / "state.pt")
             self.policy.save_lora(tmp / "lora")
 
         atomic_save_dir(build, final)
         atomic_write_text(self.ckpt_dir / "latest", final.name)
         self.write_loss_csv()
+        p = self.p
+        done = self.step
+        left = progress.eta(done, p.steps, self.elapsed, 60.0 * p.time_budget_minutes)
+        loss = self.history[-1]["loss"] if self.history else float("nan")
+        progress.write(p.run_dir, f"[cold start] step {done}/{p.steps}  loss {loss:.4f}  | "
+                                  f"{progress.duration(self.elapsed)} elapsed, ETA "
+                                  f"{'?' if left != left else progress.duration(left)}")
         return final
 
     def maybe_resume(self) -> bool:
         latest = self.ckpt_dir / "latest"
-        if not (self.p.resume and latest.is_file()):
+        if not self.p.resume:
+            return False
+        if self.acc.is_main_process:
+            for stale in checkpoints.clean_stale_tmp(self.ckpt_dir):
+                self._log(f"removed {stale.name}, left by a killed checkpoint write")
+        if not latest.is_file():
+            self._log(f"resume: true but no checkpoint under {self.ckpt_dir}: starting from scratch")
             return False
         path = self.ckpt_dir / latest.read_text().strip()
-        state = torch.load(path / "state.pt", weights_only=False, map_location="cpu")
+        state = checkpoints.load_state(path / "state.pt")
         if len(state["trainable"]) != len(self.params_list) or any(
                 s.shape != q.shape for s, q in zip(state["trainable"], self.params_list)):
             raise ValueError(f"checkpoint {str(path)!r} holds LoRA tensors of other shapes than this run's "
@@ -627,7 +624,7 @@ class ColdStart:
 
     def _probe(self):
         g = torch.Generator().manual_seed(sample_seed(self.p.seed, 0, 0, "cold_start_probe"))
-        x = torch.randn((2, *self.policy.latent_shape), generator=g).to(self.policy.device)
+        x = draw_noise((2, *self.policy.latent_shape), g, self.policy.device)
         prompts = [r["prompt"] for r in self.eval_rows[:2]] or ["a photo of two red circles"] * 2
         prompts = (prompts * 2)[:2]
         t = torch.tensor([0.3, 0.8], device=self.policy.device)
@@ -671,15 +668,14 @@ def run(params: ColdStartParams, **kwargs) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .params import load_params, parse_overrides
+    from .params import load_params_with_set
 
     ap = argparse.ArgumentParser(description="Cold start: LoRA flow-matching finetuning on exact-count data")
     ap.add_argument("params", help="params/01_cold_start__<experiment>.yaml")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
                     help="override fields, e.g. --set steps=50 run_dir=runs/x")
     args = ap.parse_args(argv)
-    overrides = parse_overrides(args.set)
-    params = load_params(args.params, ColdStartParams, **overrides)
+    params = load_params_with_set(args.params, ColdStartParams, args.set)
     summary = run(params)
     print(json.dumps({k: v for k, v in summary.items() if k != "params"}, indent=1))
     gc.collect()

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .sde import CONVENTIONS, sde_step_with_logprob
+from .sde import check_convention, sde_step_with_logprob
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,8 +77,7 @@ class DerivationParams:
 # ------------------------------------------------------------------------------------------------
 def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t, convention: str = "noise_at_zero") -> torch.Tensor:
     """grad log p_t(x) from the velocity: t/(1-t) v - x/(1-t) (noise_at_zero), -(x + (1-t) v)/t (noise_at_one)."""
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention={convention!r} is not one of {CONVENTIONS}")
+    check_convention(convention)
     t = _col(t, x)
     if convention == "noise_at_zero":
         return t / (1 - t) * v - x / (1 - t)

@@ -394,7 +394,7 @@ def load_imagefolder(folder: str | Path) -> tuple[np.ndarray, list[dict]]:
     lines hold ``file_name`` and the row's ``tag`` / ``include`` / ``exclude`` / ``prompt``)."""
     from PIL import Image
 
-    from grpo_lib.scenes import row_target
+    from grpo_lib.prompts import row_target
 
     folder = Path(folder)
     meta = folder / "metadata.jsonl"
@@ -468,7 +468,7 @@ class EvalParams:
 
 
 def _rows(p: EvalParams) -> list[dict]:
-    from grpo_lib.scenes import load_rows
+    from grpo_lib.prompts import load_rows
     rows = load_rows(p.prompts)
     if p.max_prompts and p.max_prompts < len(rows):     # spread: prompt files are sorted by count
         rows = [rows[i] for i in np.linspace(0, len(rows) - 1, p.max_prompts).round().astype(int)]
@@ -486,13 +486,12 @@ def images_from_source(p: EvalParams, progress: bool = False) -> tuple[np.ndarra
         return render_rows(flat, seed=p.seed)[0], flat
     import torch
 
-    from grpo_lib.policies.tiny import TinyPolicy
+    from grpo_lib.checkpoints import Recipe, load_policy
     from grpo_lib.rollout import sample_for_rows
     if p.num_threads:
         torch.set_num_threads(p.num_threads)
-    policy = TinyPolicy.from_pretrained(p.checkpoint, convention=p.convention)
-    if p.lora:
-        policy.load_lora(p.lora)
+    # a GRPO checkpoint's LoRA carries its EMA weights when it has them (as the widget and the experiment)
+    policy = load_policy(Recipe(Path(p.checkpoint), lora=Path(p.lora) if p.lora else None), convention=p.convention)
     return sample_for_rows(policy, rows, images_per_prompt=p.images_per_prompt, num_steps=p.num_steps,
                            shift=p.shift, guidance_scale=p.guidance_scale, seed=p.seed,
                            batch_size=p.batch_size, progress=progress)

@@ -69,49 +69,38 @@ class CountingExperiment:
     # -- stages -------------------------------------------------------------------------------
 
     def stage_policy(self, stage: str):
-        from grpo_lib.policies.tiny import TinyPolicy
+        """The policy of one stage, built by :mod:`grpo_lib.checkpoints` as the widget and ``infer`` build it:
+        the GRPO LoRA is attached (not merged) with the checkpoint's EMA weights when it has them, which is
+        exactly what the trainer's evaluation ran."""
+        from grpo_lib import checkpoints
+        from grpo_lib.policies.base import select_trainable
 
         p = self.p
-        policy = TinyPolicy.from_pretrained(p.model, convention=p.convention)
-        if stage == "base":
-            return policy
-        if p.cold_start_lora:
-            policy.load_lora(p.cold_start_lora)
-            policy.merge_lora()
-        if stage == "cold_start":
-            return policy
-        if stage != "grpo":
+        if stage not in ("base", "cold_start", "grpo"):
             raise ValueError(f"stage={stage!r} is not one of ('base', 'cold_start', 'grpo')")
+        merges = (Path(p.cold_start_lora),) if p.cold_start_lora and stage != "base" else ()
+        if stage != "grpo":
+            return checkpoints.load_policy(checkpoints.Recipe(Path(p.model), merges), convention=p.convention)
         ck = self.best_checkpoint()
         if ck is None:
             raise ValueError(f"no GRPO checkpoint under {self.run_dir / 'checkpoints'}: run train() first")
         if p.trainable == "lora":
-            policy.load_lora(ck / "lora")
-            if p.ema_decay > 0:   # evaluate the EMA weights, as the trainer's evaluation does
-                state = torch.load(ck / "trainer_state.pt", weights_only=False, map_location="cpu")
-                if state.get("ema"):
-                    from grpo_lib.grpo import EMA
-                    ema = EMA(policy.trainable_parameters(), decay=p.ema_decay)
-                    ema.load_state_dict(state["ema"])
-                    ema.copy_to(policy.trainable_parameters())
-            policy.merge_lora()
-        else:
-            from grpo_lib.train import select_trainable
-            select_trainable(policy, p.trainable)
-            state = torch.load(ck / "trainer_state.pt", weights_only=False, map_location="cpu")
-            params = [q for q in policy.trainable_parameters() if q.requires_grad]
-            with torch.no_grad():
-                for q, v in zip(params, state["trainable"]):
-                    q.copy_(v)
+            return checkpoints.load_policy(checkpoints.Recipe(Path(p.model), merges, ck / checkpoints.LORA_DIR),
+                                           convention=p.convention, ema=p.ema_decay > 0)
+        policy = checkpoints.load_policy(checkpoints.Recipe(Path(p.model), merges), convention=p.convention)
+        select_trainable(policy, p.trainable)
+        checkpoints.load_trainable(policy, ck)
+        if p.ema_decay > 0:      # evaluate the EMA weights, as the trainer's evaluation does
+            checkpoints.apply_ema(policy, ck)
         return policy
 
     def stages(self) -> list[str]:
         return ["base"] + (["cold_start"] if self.p.cold_start_lora else []) + ["grpo"]
 
     def rows(self, which: str) -> list[dict]:
-        from grpo_lib import scenes
+        from grpo_lib.prompts import load_rows
         path = {"test": self.p.test_prompts, "unseen": self.p.unseen_prompts}[which]
-        return spread_subset(scenes.load_rows(path), self.p.final_max_prompts)
+        return spread_subset(load_rows(path), self.p.final_max_prompts)
 
     def evaluate(self, which: str = "test", stages: list[str] | None = None, progress: bool = True
                  ) -> dict[str, pd.DataFrame]:

@@ -33,6 +33,7 @@ import math
 import torch
 
 from .policies.base import Cond, check_convention
+from .sde import draw_noise
 
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
@@ -134,8 +135,7 @@ def flow_matching_loss(policy, x0: torch.Tensor, cond: Cond, *, t: torch.Tensor 
     if not bool(torch.all((t >= 0) & (t <= 1))):
         raise ValueError(f"t must lie in [0, 1], got {t.tolist() if t.numel() <= 8 else 'values outside'}")
     if noise is None:
-        gen_device = generator.device if generator is not None else device
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+        noise = draw_noise(x0.shape, generator, device)
     elif not (isinstance(noise, torch.Tensor) and noise.shape == x0.shape):
         raise ValueError(f"noise must be a tensor of shape {tuple(x0.shape)} (as x0), got "
                          f"{tuple(getattr(noise, 'shape', ()))}")

@@ -30,13 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .sde import CONVENTIONS
+from .sde import check_convention
 
 
 def _noise_level(t, convention: str, n: int, dtype, device) -> torch.Tensor:
     """Convention time (float or (N,)) -> noise level sigma as (N, 1)."""
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention={convention!r} is not one of {CONVENTIONS}")
+    check_convention(convention)
     tt = torch.as_tensor(t, dtype=dtype, device=device)
     if tt.dim() == 0:
         tt = tt.expand(n)

@@ -5,6 +5,10 @@
     python -m grpo_lib.infer --lora_path /ckpt/lora --model_name stabilityai/stable-diffusion-3.5-medium \\
         --height 512 --width 512 --device cuda:0                       # GPU node
 
+Weights (tiny world) come from :func:`grpo_lib.checkpoints.load_policy`, as in the widget and the experiment's
+``grpo`` stage: a GRPO checkpoint's LoRA sits on the run's cold start (merged first) and carries the EMA weights
+when training kept an EMA, so the demo draws the model that was evaluated.
+
 Sampling is the deterministic ODE (``grpo_lib.rollout.sample_images``) on the SD3 schedule with
 classifier-free guidance v = v_u + g (v_c - v_u); image k starts from the noise of
 ``torch.Generator().manual_seed(seed + k)``.
@@ -12,7 +16,7 @@ classifier-free guidance v = v_u + g (v_c - v_u); image k starts from the noise 
 | option              | meaning                                                                    |
 |---------------------|----------------------------------------------------------------------------|
 | ``--lora_path``     | a GRPO / cold-start checkpoint dir holding ``lora/``, a run's ``checkpoints/`` dir (its ``latest``), a LoRA dir (``lora.safetensors`` + ``lora_config.json`` from ``TinyPolicy.save_lora``, or ``pytorch_lora_weights.safetensors`` from ``SD3Policy.save_lora``), or ``none`` for the base alone |
-| ``--model_name``    | the base: the shipped tiny base (default), an SD3 pipeline dir or hub id (``model_index.json``) |
+| ``--model_name``    | the base: a tiny base dir, an SD3 pipeline dir or hub id (``model_index.json``); default: the base a GRPO checkpoint records (``params.json``), else the shipped tiny base |
 | ``--custom_prompt`` | the prompt; default: a random row of ``data/counting/test.jsonl`` (SD3: ``data/counting_coco/test.jsonl``) |
 | ``--reward_server_url`` | SD3: a counting server (``python -m grpo_lib.server``) for the found counts |
 
@@ -163,7 +167,7 @@ def pick_prompt(world: str, seed: int) -> dict:
     """A random row of the world's test prompts (``random.Random(seed)``)."""
     import random
 
-    from .scenes import load_rows
+    from .prompts import load_rows
     rows = load_rows(TEST_PROMPTS[world], embedded=world == "embedded")
     return random.Random(seed).choice(rows)
 
@@ -176,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Generate counting images with a trained LoRA and count the objects")
     ap.add_argument("--lora_path", required=True,
                     help="checkpoint dir (with lora/), checkpoints/ dir (latest), LoRA dir, or 'none' (base only)")
-    ap.add_argument("--model_name", default=str(DEFAULT_MODEL),
-                    help="base model: tiny base dir (default: the shipped one), SD3 pipeline dir or hub id")
+    ap.add_argument("--model_name", default=None,
+                    help="base model: tiny base dir, SD3 pipeline dir or hub id (default: the base a GRPO checkpoint "
+                         "records, else the shipped tiny base)")
     ap.add_argument("--custom_prompt", default=None, help="prompt (default: a random test prompt)")
     ap.add_argument("--num_images", type=int, default=4, help="images to generate (default 4)")
     ap.add_argument("--height", type=int, default=None, help="image height (default: the model's own; SD3 512)")
@@ -211,13 +216,16 @@ def _load_policy(kind: str, lora_dir: Path | None, a, device):
     import torch
 
     if kind == "tiny":
-        from .policies.tiny import TinyPolicy
-        policy = TinyPolicy.from_pretrained(a.model_name, device=device)
+        from dataclasses import replace
+
+        from .checkpoints import Recipe, grpo_recipe, load_policy
+        recipe = grpo_recipe(lora_dir, DEFAULT_MODEL) if lora_dir is not None else Recipe(base=DEFAULT_MODEL)
+        if a.model_name is not None:          # the user's base wins over the recorded one
+            recipe = replace(recipe, base=Path(a.model_name))
+        policy = load_policy(recipe, device=device)
         size = policy.config.image_size
         if (a.height or size) != size or (a.width or size) != size:
             raise InferError(f"--height/--width {a.height}x{a.width}: the tiny base draws {size}x{size} only")
-        if lora_dir is not None:
-            policy.load_lora(lora_dir)
         return policy, (a.shift if a.shift is not None else 1.0)
     from .policies.sd3 import SD3Policy
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -241,7 +249,7 @@ def run(a) -> dict:
     """Generate, save and count; returns the results dict (also written to ``results.json``)."""
     _check_args(a)
     lora_dir, lora_kind = resolve_lora(a.lora_path)
-    kind = model_kind(a.model_name)
+    kind = model_kind(a.model_name if a.model_name is not None else str(DEFAULT_MODEL))
     if lora_kind is not None and lora_kind != kind:
         raise InferError(f"--lora_path {a.lora_path!r} is a {lora_kind} LoRA but --model_name {a.model_name!r} "
                          f"is a {kind} model")
@@ -305,7 +313,7 @@ def run(a) -> dict:
         "correct": None if found is None else [int(f == target["count"]) for f in found],
         "counter": ("ShapeCounter" if world == "embedded" else (a.reward_server_url or None)) if found is not None
         else None,
-        "images": names, "grid": "grid.png", "world": world, "model_name": str(a.model_name),
+        "images": names, "grid": "grid.png", "world": world, "model_name": str(a.model_name if a.model_name is not None else DEFAULT_MODEL),
         "lora_path": None if lora_dir is None else str(lora_dir), "num_images": a.num_images,
         "height": int(images.shape[1]), "width": int(images.shape[2]), "num_steps": a.num_steps,
         "guidance_scale": a.guidance_scale, "shift": shift, "seed": a.seed, "device": str(device),

@@ -6,6 +6,10 @@ papermill injects a YAML file's values after it. Scripts (``python -m grpo_lib.t
 schema and one set of checks. An unknown or mistyped key is an error naming it and listing the
 valid ones.
 
+A YAML file may start from another: ``base: 02_counting_grpo__strict_first_50.yaml`` (a path relative to the
+file's own directory) loads that file first and lets this one's keys override it, so an ablation holds
+only its one-line difference. Bases chain; a file that reaches itself again is an error naming the chain.
+
 Schemas live next to the code they configure (``grpo_lib.train.GRPOParams``, ...); ``SCHEMAS``
 maps a notebook / script name to its schema so that a params file ``params/<name>__<exp>.yaml``
 can be validated knowing only its file name.
@@ -80,42 +84,69 @@ def _coerce(value: Any, tp: Any) -> Any:
     return value
 
 
-def load_params(source: str | Path | Mapping[str, Any] | None, schema: type | None = None,
-                **overrides: Any):
+BASE_KEY = "base"
+
+
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a params YAML file with its ``base:`` chain resolved (base first, this file's keys on top).
+
+    ``base`` is relative to the file's own directory. A cycle (``a.yaml -> b.yaml -> a.yaml``) or a base that
+    does not exist is a ``ValueError`` naming the chain.
+    """
+    path = Path(path)
+    chain = _chain + (path.resolve(),)
+    shown = " -> ".join(str(c.name) for c in chain)
+    if not path.is_file():
+        raise ValueError(f"params file {str(path)!r} does not exist" + (f" (base chain {shown})" if _chain else ""))
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"params file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
+    loaded = dict(loaded)
+    base = loaded.pop(BASE_KEY, None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{BASE_KEY}={base!r} in {str(path)!r} must name another params YAML file")
+    base_path = (path.parent / base)
+    if base_path.resolve() in chain:
+        raise ValueError(f"params base chain is a cycle: {shown} -> {base_path.name}")
+    return {**read_yaml(base_path, chain), **loaded}
+
+
+def load_params(source: str | Path | Mapping[str, Any] | None, schema: type | None = None, *,
+                overrides_origin: str = "overrides", **overrides: Any):
     """Build a params dataclass from a YAML file, a mapping, or nothing (defaults), plus overrides.
 
     ``schema`` defaults to the one named by the YAML file's stem (``params/02_counting_grpo__x.yaml``).
-    Raises ``ValueError`` naming any unknown key (with the valid ones) or any value of the wrong type.
-    The dataclass's own ``__post_init__`` does the range checks.
+    Raises ``ValueError`` naming any unknown key (with the valid ones) or any value of the wrong type, and
+    where it came from: the YAML file (or its base), the mapping, or ``overrides_origin`` for the overrides
+    (scripts pass ``"--set"``). The dataclass's own ``__post_init__`` does the range checks.
     """
     values: dict[str, Any] = {}
-    origin = "overrides"
+    origin: dict[str, str] = {}
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"params file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, Mapping):
-            raise ValueError(f"params file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
-        values.update(loaded)
-        origin = str(path)
+        values.update(read_yaml(path))
+        origin = dict.fromkeys(values, str(path))
         if schema is None:
             schema = schema_for(path.stem)
     elif source is not None:
         values.update(source)
-        origin = "mapping"
+        origin = dict.fromkeys(values, "mapping")
     values.update(overrides)
+    origin.update(dict.fromkeys(overrides, overrides_origin))
     if schema is None:
         raise ValueError("load_params needs a schema when the source is not a params/<name>__<exp>.yaml file")
     hints = typing.get_type_hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} in {origin} for {schema.__name__}; "
+        where = sorted({origin[k] for k in unknown})
+        raise ValueError(f"unknown parameter(s) {unknown} in {', '.join(where)} for {schema.__name__}; "
                          f"valid keys are: {sorted(fields)}")
     for k, v in list(values.items()):
         if not _type_ok(v, hints[k]):
-            raise ValueError(f"parameter {k}={v!r} in {origin} has type {type(v).__name__}, "
+            raise ValueError(f"parameter {k}={v!r} in {origin[k]} has type {type(v).__name__}, "
                              f"expected {hints[k]}")
         values[k] = _coerce(v, hints[k])
     return schema(**values)
@@ -131,6 +162,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         k, v = item.split("=", 1)
         out[k] = yaml.safe_load(v)
     return out
+
+
+def load_params_with_set(path: str | Path, schema: type | None, set_items: list[str]):
+    """A script's params: the YAML file (with its ``base:`` chain) and ``--set KEY=VALUE`` overrides, whose
+    errors name ``--set``."""
+    return load_params(path, schema, overrides_origin="--set", **parse_overrides(set_items))
 
 
 def to_dict(params) -> dict[str, Any]:

@@ -16,18 +16,40 @@ import sys
 import time
 from pathlib import Path
 
+from grpo_lib import progress
 from grpo_lib.memory import PeakMemory
+from grpo_lib.progress import Tail
 
 REPO = Path(__file__).resolve().parents[1]
 
-# (notebook, params experiment) in execution order; later issues append their stages here.
-STAGES: list[tuple[str, str]] = [
+# (notebook, params experiment) in execution order; None runs the notebook's own defaults (its parameters
+# cell): 03 evaluates the renderer on the full held-out set (the detector's sanity check, accuracy 1.0),
+# 04 previews the shipped base. Later issues append their stages here.
+STAGES: list[tuple[str, str | None]] = [
     ("00_derivation_checks", "default"),
     ("01_cold_start", "default"),
     ("02_counting_grpo", "strict_first_50"),
-    ("03_evaluate", "default"),
-    ("04_inference_preview", "default"),
+    ("03_evaluate", None),
+    ("04_inference_preview", None),
 ]
+
+
+def _kernel_manager_class():
+    """jupyter_client's async kernel manager on IPC transport (Unix sockets in the Jupyter runtime dir).
+
+    Over TCP, ipykernel warns at every start that "Kernel is running over TCP without encryption" (the
+    channels listen on 127.0.0.1 in plain text). Unix sockets are reachable only through the file system
+    (mode 0700 runtime dir), so the kernel's channels are not exposed at all and the warning has no cause.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self) -> str:
+            return "ipc"
+
+    return IPCKernelManager
 
 
 def execute_notebook(notebook: str, params_file: str | Path | None, out_dir: str | Path,
@@ -38,17 +60,19 @@ def execute_notebook(notebook: str, params_file: str | Path | None, out_dir: str
     ``parameters`` override the YAML values (papermill injects both, dict last).
     """
     import papermill as pm
-    import yaml
+
+    from grpo_lib.params import read_yaml
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     merged: dict = {}
-    if params_file is not None:
-        merged.update(yaml.safe_load(Path(params_file).read_text()) or {})
+    if params_file is not None:          # its base: chain resolved, as load_params does for scripts
+        merged.update(read_yaml(params_file))
     merged.update(parameters or {})
     out = out_dir / f"{notebook}.ipynb"
     pm.execute_notebook(str(REPO / "notebooks" / f"{notebook}.ipynb"), str(out), parameters=merged,
-                        kernel_name=kernel, cwd=str(REPO), progress_bar=False, log_output=log_output)
+                        kernel_name=kernel, cwd=str(REPO), progress_bar=False, log_output=log_output,
+                        kernel_manager_class=_kernel_manager_class())
     return out
 
 
@@ -74,13 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     for notebook, experiment in STAGES:
         if args.only and notebook not in args.only:
             continue
-        params_file = REPO / "params" / f"{notebook}__{experiment}.yaml"
-        print(f"[pipeline] {notebook} with {params_file.relative_to(REPO)} -> runs/{args.name}/", flush=True)
+        params_file = REPO / "params" / f"{notebook}__{experiment}.yaml" if experiment else None
+        used = params_file.relative_to(REPO) if params_file else "its defaults"
+        print(f"[pipeline] {notebook} with {used} -> runs/{args.name}/", flush=True)
         t0 = time.perf_counter()
-        with PeakMemory() as mem:   # this process + the papermill kernel (a child)
+        # the kernel's own output lands in the executed notebook; its progress lines (epochs, evaluations,
+        # elapsed, ETA) reach the terminal through progress.log while it runs
+        with PeakMemory() as mem, Tail(run_dir / progress.FILE, emit=lambda line: print(line, flush=True)):
             executed = execute_notebook(notebook, params_file, run_dir,
                                         parameters={"run_dir": str(run_dir.relative_to(REPO))},
-                                        kernel=args.kernel, log_output=True)
+                                        kernel=args.kernel)
             export_html(executed)
         timings[notebook] = round(time.perf_counter() - t0, 1)
         peaks[notebook] = round(mem.peak_gib, 2)

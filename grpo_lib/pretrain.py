@@ -1,6 +1,8 @@
 """Pretrain the embedded world's base model (``TinyPolicy``) on web-captioned scenes by flow matching.
 
-Rectified-flow loss (SD3 / Esser et al. 2024) with logit-normal timestep sampling:
+Rectified-flow loss (SD3 / Esser et al. 2024) with logit-normal timestep sampling, both from
+``grpo_lib.flow_matching`` (``flow_matching_loss`` through the policy's ``encode`` / ``velocity``, so the text
+encoder trains too: without a LoRA, ``TinyPolicy.encode`` keeps gradients when ``train_text_encoder``):
 
     t = sigmoid(m + s n),  n ~ N(0, 1);    x_t = (1 - t) x_0 + t eps;    L = || v_theta(x_t, t | c) - (eps - x_0) ||^2
 
@@ -19,8 +21,8 @@ CPU cores train instead of render; random horizontal flips (every shape is mirro
 
 Schedule: AdamW, linear warmup then cosine decay to ``min_lr_ratio`` * lr over a progress
 p = max(step / max_steps, elapsed / budget), so a run that is slower than planned still anneals
-before the time budget stops it. Checkpoints (``run_dir/ckpt.pt`` + an EMA export
-``run_dir/ema``) are written atomically every ``checkpoint_every`` steps; ``resume`` continues from them.
+before the time budget stops it. Checkpoints (``run_dir/ckpt.pt``, plain state read with
+``weights_only=True``, + an EMA export ``run_dir/ema``) are written atomically every ``checkpoint_every`` steps; ``resume`` continues from them.
 
     python -m grpo_lib.pretrain params/pretrain__tiny_base.yaml
 """
@@ -122,21 +124,6 @@ def render_pool(size: int, seed: int, max_count: int = 10, cache: Path | None = 
     return images, captions, counts
 
 
-def sample_t(n: int, mean: float, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """SD3's logit-normal timesteps: t = sigmoid(mean + std * N(0, 1)), shape (n,)."""
-    return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
-
-
-def flow_matching_loss(policy, x0: torch.Tensor, captions: list[str], t: torch.Tensor,
-                       eps: torch.Tensor) -> torch.Tensor:
-    """|| v_theta((1-t) x0 + t eps, t | c) - (eps - x0) ||^2, mean over all elements (noise_at_one)."""
-    tb = t.view(-1, 1, 1, 1)
-    x_t = (1 - tb) * x0 + tb * eps                                   # (B, 3, H, W)
-    h, mask, pooled = policy.text_states(captions)
-    v = policy._net(x_t, t, {"tokens": h, "mask": mask, "pooled": pooled})
-    return torch.nn.functional.mse_loss(v, eps - x0)
-
-
 def lr_factor(step: int, elapsed: float, p: PretrainParams) -> float:
     warm = min(1.0, (step + 1) / p.warmup_steps) if p.warmup_steps else 1.0
     progress = min(1.0, max(step / p.max_steps, elapsed / (60.0 * p.time_budget_minutes)))
@@ -144,12 +131,6 @@ def lr_factor(step: int, elapsed: float, p: PretrainParams) -> float:
 
 
 # ------------------------------------------------------------------------------------------ loop
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def pretrain(p: PretrainParams, progress: bool = True, stop_at: int | None = None) -> Path:
     """Run (or resume) pretraining; returns the directory of the exported EMA model.
 
@@ -158,6 +139,9 @@ def pretrain(p: PretrainParams, progress: bool = True, stop_at: int | None = Non
     """
     from tqdm.auto import tqdm
 
+    from .checkpoints import load_state, save_state
+    from .flow_matching import flow_matching_loss, sample_timesteps
+    from .sde import draw_noise
     from .params import to_dict
     from .policies.tiny import TinyPolicy
 
@@ -180,7 +164,7 @@ def pretrain(p: PretrainParams, progress: bool = True, stop_at: int | None = Non
     step, elapsed = 0, 0.0
     ckpt = run / "ckpt.pt"
     if p.resume and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = load_state(ckpt)                     # weights_only=True: plain data only
         policy.load_state_dict(state["model"])
         for e, s in zip(ema, state["ema"]):
             e.copy_(s)
@@ -201,7 +185,7 @@ def pretrain(p: PretrainParams, progress: bool = True, stop_at: int | None = Non
                 q.copy_(b)
 
     def checkpoint() -> None:
-        _atomic_torch_save({"model": policy.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step,
+        save_state({"model": policy.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step,
                             "elapsed": elapsed, "np_rng": rng.bit_generator.state, "torch_rng": gen.get_state(),
                             "params": to_dict(p)}, ckpt)
         export_ema(run / "ema")
@@ -223,11 +207,11 @@ def pretrain(p: PretrainParams, progress: bool = True, stop_at: int | None = Non
             x0[flip] = x0[flip].flip(-1)
         drop = rng.random(p.batch_size) < p.caption_dropout
         caps = ["" if d else captions[i] for d, i in zip(drop, idx.tolist())]
-        t = sample_t(p.batch_size, p.logit_mean, p.logit_std, gen)
-        eps = torch.randn(x0.shape, generator=gen)
+        t = sample_timesteps(p.batch_size, gen, p.logit_mean, p.logit_std)     # logit-normal, noise_at_one
+        eps = draw_noise(x0.shape, gen, "cpu")
         for g in opt.param_groups:
             g["lr"] = p.lr * lr_factor(step, elapsed, p)
-        loss = flow_matching_loss(policy, x0, caps, t, eps)
+        loss = flow_matching_loss(policy, x0, policy.encode(caps), t=t, noise=eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if p.grad_clip:
@@ -265,21 +249,13 @@ def pretrain(p: PretrainParams, progress: bool = True, stop_at: int | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .params import load_params
+    from .params import load_params_with_set
 
     ap = argparse.ArgumentParser(description="Pretrain the embedded base model (TinyPolicy)")
     ap.add_argument("params", help="params/pretrain__<exp>.yaml")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override params (YAML values)")
     args = ap.parse_args(argv)
-    import yaml
-
-    overrides = {}
-    for kv in args.set:
-        if "=" not in kv:
-            raise ValueError(f"--set {kv!r} must be KEY=VALUE")
-        k, v = kv.split("=", 1)
-        overrides[k] = yaml.safe_load(v)
-    p = load_params(args.params, **overrides)
+    p = load_params_with_set(args.params, None, args.set)
     pretrain(p, progress=sys.stderr.isatty() or True)
     return 0
 

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from .policies.base import Cond, check_convention
-from .sde import SDE_TYPES, convention_times, sde_step_with_logprob
+from .sde import SDE_TYPES, convention_times, draw_noise, sde_step_with_logprob
+from .seeding import stable_seed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,17 +143,6 @@ class RecomputedStep(NamedTuple):
 # ------------------------------------------------------------------------------------------------
 # Sampling
 # ------------------------------------------------------------------------------------------------
-def _initial_noise(batch: int, shape, generator, device) -> torch.Tensor:
-    """x at the pure-noise end, N(0, I) float32 (B, C, H, W); per-sample generators give per-sample noise."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != batch:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch}; expected one per sample")
-        return torch.cat([torch.randn((1, *shape), generator=g, device=g.device, dtype=torch.float32).to(device)
-                          for g in generator])
-    gen_device = generator.device if generator is not None else device
-    return torch.randn((batch, *shape), generator=generator, device=gen_device, dtype=torch.float32).to(device)
-
-
 def _resolve_cond(policy, prompts, cond) -> tuple[Cond, list[str] | None]:
     if (prompts is None) == (cond is None):
         raise ValueError("pass exactly one of prompts (list[str]) or cond (a Cond from policy.encode)")
@@ -231,7 +221,7 @@ def sample_trajectories(policy, prompts: Sequence[str] | None = None, *, cond: C
     cond, prompts = _resolve_cond(policy, prompts, cond)
     batch, device = len(cond), policy.device
     if initial_latents is None:
-        x = _initial_noise(batch, tuple(policy.latent_shape), generator, device)      # (B, C, H, W)
+        x = draw_noise((batch, *policy.latent_shape), generator, device)      # (B, C, H, W)
     else:
         if tuple(initial_latents.shape) != (batch, *policy.latent_shape):
             raise ValueError(f"initial_latents has shape {tuple(initial_latents.shape)}; expected "
@@ -293,7 +283,7 @@ def sample_images(policy, prompts: Sequence[str] | None = None, *, cond: Cond | 
     cond, _ = _resolve_cond(policy, prompts, cond)
     batch, device = len(cond), policy.device
     if initial_latents is None:
-        x = _initial_noise(batch, tuple(policy.latent_shape), generator, device)
+        x = draw_noise((batch, *policy.latent_shape), generator, device)
     else:
         if tuple(initial_latents.shape) != (batch, *policy.latent_shape):
             raise ValueError(f"initial_latents has shape {tuple(initial_latents.shape)}; expected "
@@ -365,10 +355,7 @@ def recompute_log_prob(policy, traj: Trajectories, columns, *, samples=None,
 def eval_seed(seed: int, prompt: str, k: int) -> int:
     """Seed of the k-th evaluation image of ``prompt``: independent of batching and of the model,
     so base, cold start and GRPO are compared on identical initial noise."""
-    import hashlib
-
-    h = hashlib.blake2b(f"{seed}/{k}/{prompt}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return stable_seed(f"{seed}/{k}/{prompt}")
 
 
 @torch.no_grad()

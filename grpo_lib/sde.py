@@ -73,7 +73,8 @@ def sd3_sigmas(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 10
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float32)])
 
 
-def _check_convention(convention: str) -> str:
+def check_convention(convention: str) -> str:
+    """``convention`` itself, or a ValueError naming it and the two valid ones."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention={convention!r} is not one of {CONVENTIONS}")
     return convention
@@ -85,7 +86,7 @@ def convention_times(num_steps: int, shift: float = 3.0, convention: str = "nois
     ``noise_at_one``: the SD3 sigmas, 1 -> 0. ``noise_at_zero``: 1 - sigmas, 0 -> 1.
     Step i goes from ``times[i]`` to ``times[i+1]``.
     """
-    _check_convention(convention)
+    check_convention(convention)
     sigmas = sd3_sigmas(num_steps, shift)
     return sigmas if convention == "noise_at_one" else 1.0 - sigmas
 
@@ -132,7 +133,7 @@ def _to_noise_at_one(t: torch.Tensor, t_next: torch.Tensor, v: torch.Tensor, con
     return 1.0 - t, 1.0 - t_next, -v
 
 
-def _draw_noise(shape, generator, device) -> torch.Tensor:
+def draw_noise(shape, generator, device) -> torch.Tensor:
     """eps ~ N(0, I) in float32 on ``device``, drawn on the generator's device (CPU generators work for any device).
 
     ``generator`` may be None, one torch.Generator, or a list of B generators (one per sample, so a
@@ -141,7 +142,7 @@ def _draw_noise(shape, generator, device) -> torch.Tensor:
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; expected one per sample")
-        return torch.cat([_draw_noise((1, *shape[1:]), g, device) for g in generator])
+        return torch.cat([draw_noise((1, *shape[1:]), g, device) for g in generator])
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
 
@@ -228,7 +229,7 @@ def sde_step_with_logprob(
     # 0. validate inputs; every bad value is named (no silent fixes)
     if sde_type not in SDE_TYPES:
         raise ValueError(f"sde_type={sde_type!r} is not one of {SDE_TYPES}")
-    _check_convention(convention)
+    check_convention(convention)
     if cps_logprob not in CPS_LOGPROBS:
         raise ValueError(f"cps_logprob={cps_logprob!r} is not one of {CPS_LOGPROBS}")
     if not isinstance(noise_level, (int, float, np.floating)) or isinstance(noise_level, bool) \
@@ -297,7 +298,7 @@ def sde_step_with_logprob(
         if noise_level == 0:
             prev = mean
         else:
-            eps = _draw_noise(x.shape, generator, device)                      # (B, C, H, W)
+            eps = draw_noise(x.shape, generator, device)                      # (B, C, H, W)
             prev = mean + std * eps
     else:
         prev = prev_sample.to(torch.float32)

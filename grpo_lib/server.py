@@ -635,9 +635,8 @@ class RemoteCountingReward:
     # -- the reward contract --
     def __call__(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 (B, H, W, 3); got {images.dtype} {images.shape}")
+        from grpo_lib.rewards.detector import check_images
+        images = check_images(np.asarray(images))
         if not len(prompts) == len(metadata) == len(images):
             raise ValueError(f"len(images)={len(images)}, len(prompts)={len(prompts)}, "
                              f"len(metadata)={len(metadata)} must agree")

@@ -28,17 +28,20 @@ import gc
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+
+from grpo_lib import checkpoints, progress
+from grpo_lib.checkpoints import atomic_save_dir, atomic_write_text  # noqa: F401  (re-exported)
+from grpo_lib.policies.base import FrozenReference, select_trainable  # noqa: F401  (re-exported)
+from grpo_lib.seeding import sample_seed
 
 # ---------------------------------------------------------------------------------------------
 # Parameters
@@ -170,12 +173,6 @@ class GRPOParams:
 # ---------------------------------------------------------------------------------------------
 
 
-def sample_seed(seed: int, epoch: int, index: int, stream: str) -> int:
-    """Seed of one sample's randomness, independent of how samples are split over processes."""
-    h = hashlib.blake2b(f"{seed}/{epoch}/{index}/{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
 def test_seed(seed: int) -> int:
     """Seed of the final test evaluation's noise: used by nothing else (training keys its noise on
     ``sample_seed`` streams, selection on :func:`selection_seed`)."""
@@ -187,27 +184,6 @@ def selection_seed(seed: int) -> int:
     evaluation's ``seed`` so that no image used to *select* a checkpoint is one of the images that then
     *report* its accuracy (rollout.eval_seed hashes the seed: every image's noise differs)."""
     return seed + 1_000_003
-
-
-def atomic_save_dir(build: Callable[[Path], None], final: Path) -> None:
-    """Write a directory atomically: build it under a temp name, then rename over ``final``."""
-    final = Path(final)
-    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = Path(str(path) + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _flat_allreduce_mean(params: list[torch.nn.Parameter], accelerator) -> None:
@@ -249,18 +225,20 @@ class GRPOTrainer:
     def __init__(self, params: GRPOParams, *, policy=None, reward_fn=None, accelerator=None):
         from accelerate import Accelerator
 
-        from grpo_lib import grpo, scenes
+        from grpo_lib import grpo
+        from grpo_lib.prompts import load_rows
 
         self.p = params
         self.acc = accelerator or Accelerator(mixed_precision=params.mixed_precision,
                                               cpu=not torch.cuda.is_available())
         self.run_dir = Path(params.run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.layout = checkpoints.RunLayout(self.run_dir)
+        self.ckpt_dir = self.layout.checkpoints
         if self.acc.is_main_process:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         embedded = params.world == "embedded"
-        self.train_rows = scenes.load_rows(params.train_prompts, embedded=embedded)
-        self.eval_rows = spread_subset(scenes.load_rows(params.eval_prompts, embedded=embedded),
+        self.train_rows = load_rows(params.train_prompts, embedded=embedded)
+        self.eval_rows = spread_subset(load_rows(params.eval_prompts, embedded=embedded),
                                        params.eval_max_prompts) if params.eval_prompts else []
         self.policy = policy if policy is not None else load_policy_for(params, self.acc.device)
         if reward_fn is None:
@@ -272,7 +250,7 @@ class GRPOTrainer:
         # the KL reference: LoRA off (the policy's own context), or, when the weights themselves train,
         # a frozen copy of their initial values swapped in (Show-o2: the frozen initial head)
         # (a policy that keeps its own frozen copy, as ShowO2Policy does, is not copied a second time)
-        own = getattr(self.policy, "has_frozen_reference", False)
+        own = self.policy.has_frozen_reference
         self.reference = self.policy.reference if (params.trainable == "lora" or own) else \
             FrozenReference(self.params_list).swapped_in
         self.opt = torch.optim.AdamW(self.params_list, lr=params.lr, weight_decay=params.weight_decay)
@@ -293,17 +271,19 @@ class GRPOTrainer:
         self.guard_reference: dict | None = None
         self._tb = None
         self._pool = ThreadPoolExecutor(max_workers=1)   # the reward runs beside the next rollout
+        self._t_progress, self._epoch_progress = time.perf_counter(), 0   # for progress.log's elapsed / ETA
 
     # -- checkpoints --------------------------------------------------------------------------
 
     def state(self) -> dict:
+        """Everything ``resume`` needs, as plain data (``checkpoints.save_state``: weights_only=True loads it)."""
         return {"epoch": self.epoch,
                 "trainable": [p.detach().cpu().clone() for p in self.params_list],
                 "optimizer": self.opt.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None,
                 "anchor": self.anchor.state_dict() if self.anchor else None,
                 "history": self.history, "best": self.best, "guard_reference": self.guard_reference,
-                "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()}
+                "torch_rng": torch.get_rng_state(), "numpy_rng": checkpoints.numpy_rng_state()}
 
     def save_checkpoint(self) -> Path | None:
         """Atomic checkpoint of everything ``resume`` needs; refuses non-finite weights."""
@@ -312,22 +292,31 @@ class GRPOTrainer:
             return None
         if not self.acc.is_main_process:
             return None
-        final = self.ckpt_dir / f"epoch_{self.epoch:04d}"
+        final = self.layout.epoch_dir(self.epoch)
 
         def build(tmp: Path) -> None:
-            torch.save(self.state(), tmp / "trainer_state.pt")
-            if hasattr(self.policy, "save_lora") and self.p.trainable == "lora":
-                self.policy.save_lora(tmp / "lora")
+            checkpoints.save_state(self.state(), tmp / checkpoints.TRAINER_STATE)
+            if self.p.trainable == "lora":
+                self.policy.save_lora(tmp / checkpoints.LORA_DIR)
             (tmp / "metrics.json").write_text(json.dumps(self.history[-1] if self.history else {}, indent=1))
+            # what the LoRA sits on (base + merged cold start), so a checkpoint alone rebuilds its policy
+            (tmp / checkpoints.PARAMS_JSON).write_text(json.dumps(
+                {"model": self.p.model, "cold_start_lora": self.p.cold_start_lora, "convention": self.p.convention,
+                 "trainable": self.p.trainable, "ema_decay": self.p.ema_decay, "seed": self.p.seed}, indent=1))
 
         atomic_save_dir(build, final)
         atomic_write_text(self.ckpt_dir / "latest", final.name)
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(Path(path) / "trainer_state.pt", weights_only=False, map_location="cpu")
+        """Restore a :meth:`save_checkpoint` directory (``CheckpointError`` if it cannot be read)."""
+        state = checkpoints.load_state(Path(path) / checkpoints.TRAINER_STATE)
+        trainable = state["trainable"]
+        if len(trainable) != len(self.params_list) or any(v.shape != q.shape for v, q in zip(trainable, self.params_list)):
+            raise checkpoints.CheckpointError(f"{path} holds {len(trainable)} trainable tensors that do not fit this "
+                                              f"run's {len(self.params_list)} (another lora_rank or trainable?)")
         with torch.no_grad():
-            for p, v in zip(self.params_list, state["trainable"]):
+            for p, v in zip(self.params_list, trainable):
                 p.copy_(v.to(p.device))
         self.opt.load_state_dict(state["optimizer"])
         if self.ema and state["ema"]:
@@ -337,7 +326,7 @@ class GRPOTrainer:
         self.epoch, self.history = state["epoch"], state["history"]
         self.best, self.guard_reference = state["best"], state["guard_reference"]
         torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
+        checkpoints.set_numpy_rng_state(state["numpy_rng"])
 
     def weights_digest(self) -> str:
         """A short hash of the trainable weights (float32 bytes, in parameter order)."""
@@ -362,12 +351,26 @@ class GRPOTrainer:
         return digest
 
     def maybe_resume(self) -> bool:
-        latest = self.ckpt_dir / "latest"
-        if not (self.p.resume and latest.is_file()):
+        """With ``resume: true``, continue from the newest readable checkpoint: ``latest``, else (a corrupt
+        one is skipped with a warning naming it) the one before. No checkpoint at all is said, not silent."""
+        self._t_progress, self._epoch_progress = time.perf_counter(), self.epoch
+        if not self.p.resume:
             return False
-        self.load_checkpoint(self.ckpt_dir / latest.read_text().strip())
-        self._log_event(f"resumed from {latest.read_text().strip()} (epoch {self.epoch})")
-        return True
+        if self.acc.is_main_process:
+            for stale in checkpoints.clean_stale_tmp(self.ckpt_dir):
+                self._log_event(f"removed {stale.name}, left by a killed checkpoint write")
+        self.acc.wait_for_everyone()
+        for path in checkpoints.resumable_checkpoints(self.layout):
+            try:
+                self.load_checkpoint(path)
+            except checkpoints.CheckpointError as e:
+                self._log_event(f"WARNING: checkpoint {path.name} is unreadable, trying the one before it: {e}")
+                continue
+            self._log_event(f"resumed from {path.name} (epoch {self.epoch})")
+            self._epoch_progress = self.epoch
+            return True
+        self._log_event(f"resume: true but no checkpoint under {self.ckpt_dir}: starting from scratch")
+        return False
 
     # -- one epoch ----------------------------------------------------------------------------
 
@@ -660,10 +663,7 @@ class GRPOTrainer:
         return self.history
 
     def policy_train_mode(self, on: bool) -> None:
-        # dropout-free networks: train/eval only matters for policies that define it
-        for m in (getattr(self.policy, "unet", None), getattr(self.policy, "transformer", None)):
-            if m is not None:
-                m.train(False)
+        self.policy.train_mode(on)   # the Policy contract: every shipped policy stays in eval (no dropout)
 
     # -- logging ------------------------------------------------------------------------------
 
@@ -683,6 +683,12 @@ class GRPOTrainer:
             self._tb.flush()
         except ImportError:   # tensorboard is optional on GPU nodes; the CSV is the record
             pass
+        # one terminal line per epoch and per evaluation: the pipeline tails progress.log while the notebook runs
+        elapsed = time.perf_counter() - self._t_progress
+        left = progress.eta(row["epoch"] - self._epoch_progress, self.p.num_epochs - self._epoch_progress, elapsed,
+                            60.0 * self.p.time_budget_minutes)
+        for line in progress.epoch_line(row, self.p.num_epochs, elapsed, left):
+            progress.write(self.run_dir, line)
         if self.p.progress:
             keys = [k for k in ("reward_mean", "strict_accuracy", "zero_std_ratio", "approx_kl", "clipfrac",
                                 "kl", "eval_reward", "guard_pass", "seconds_epoch") if k in row]
@@ -704,55 +710,6 @@ class GRPOTrainer:
         self._pool.shutdown(wait=True)
         if self._tb is not None:
             self._tb.close()
-
-
-class FrozenReference:
-    """Frozen copies of trainable weights, swapped in to evaluate the reference policy.
-
-    Used when the network's own weights train (full or head-only finetuning), where there is no
-    adapter to switch off: ``with ref.swapped_in(): ...`` runs the initial weights and restores the
-    live ones afterwards, even if the body raises.
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter]):
-        self.params = params
-        self.frozen = [q.detach().clone() for q in params]
-
-    def swapped_in(self):
-        import contextlib
-
-        @contextlib.contextmanager
-        def cm():
-            live = [q.detach().clone() for q in self.params]
-            with torch.no_grad():
-                for q, f in zip(self.params, self.frozen):
-                    q.copy_(f)
-            try:
-                yield
-            finally:
-                with torch.no_grad():
-                    for q, l in zip(self.params, live):
-                        q.copy_(l)
-        return cm()
-
-
-def select_trainable(module: torch.nn.Module, trainable: str) -> list[str]:
-    """Freeze ``module`` except the parameters ``trainable`` names ('all' or 'pattern:<regex>');
-    returns the trainable names. A pattern that matches nothing is an error naming it."""
-    import re
-
-    names = [n for n, _ in module.named_parameters()]
-    if trainable == "all":
-        chosen = names
-    else:
-        rx = re.compile(trainable.split(":", 1)[1])
-        chosen = [n for n in names if rx.search(n)]
-        if not chosen:
-            raise ValueError(f"trainable={trainable!r} matches no parameter; names look like {names[:3]}")
-    keep = set(chosen)
-    for n, q in module.named_parameters():
-        q.requires_grad_(n in keep)
-    return chosen
 
 
 def spread_subset(rows: list[dict], n: int) -> list[dict]:
@@ -787,44 +744,10 @@ def build_reward_for(p: GRPOParams):
 
 
 def load_policy_for(p: GRPOParams, device) -> Any:
-    """The policy a params file asks for: base checkpoint, cold-start LoRA merged in, fresh LoRA on top.
-
-    peft draws a new LoRA's A matrices from torch's global generator, so the build runs under a generator
-    seeded from ``p.seed`` (inside ``fork_rng``): every process of a launch, and every run with the same
-    params, starts from the same adapter (issue 14, defect 1: two ranks used to start from different LoRAs).
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed(p.seed, 0, 0, "grpo_lora_init"))
-        return _load_policy_for(p, device)
-
-
-def _load_policy_for(p: GRPOParams, device) -> Any:
-    lora = {"r": p.lora_rank, "lora_alpha": p.lora_alpha}
-    if p.world == "embedded":
-        from grpo_lib.policies.tiny import TinyPolicy
-        policy = TinyPolicy.from_pretrained(p.model, device=device, convention=p.convention)
-        if p.cold_start_lora:
-            _check_dir(p.cold_start_lora, "cold_start_lora")
-            policy.load_lora(p.cold_start_lora)
-            policy.merge_lora()
-        if p.trainable == "lora":
-            policy.add_lora(lora)
-        else:
-            select_trainable(policy, p.trainable)
-        return policy
-    if p.world == "sd3":
-        from grpo_lib.policies.sd3 import SD3Policy
-        dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[p.mixed_precision]
-        kwargs = {"merge_lora_path": p.cold_start_lora} if p.cold_start_lora else {}
-        return SD3Policy.from_pretrained(p.model, device=device, dtype=dtype, lora=lora,
-                                         height=p.resolution, width=p.resolution, **kwargs)
-    from grpo_lib.policies.showo2 import ShowO2Policy
-    return ShowO2Policy.from_params(p, device=device)
-
-
-def _check_dir(path: str, name: str) -> None:
-    if not Path(path).is_dir():
-        raise ValueError(f"{name}={path!r} is not a directory")
+    """The policy a params file asks for: base checkpoint, cold-start LoRA merged in, fresh LoRA on top,
+    initialised from ``p.seed`` (:func:`grpo_lib.checkpoints.build_policy`): every process of a launch, and
+    every run with the same params, starts from the same adapter (issue 14, defect 1)."""
+    return checkpoints.build_policy(p, device, stream="grpo_lora_init")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -841,15 +764,14 @@ def run(params: GRPOParams, **kwargs) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from grpo_lib.params import load_params, parse_overrides
+    from grpo_lib.params import load_params_with_set
 
     ap = argparse.ArgumentParser(description="Flow-GRPO training from a params YAML")
     ap.add_argument("params", help="params/02_counting_grpo__<experiment>.yaml")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
                     help="override fields, e.g. --set num_epochs=2 run_dir=runs/x")
     args = ap.parse_args(argv)
-    overrides = parse_overrides(args.set)
-    params = load_params(args.params, GRPOParams, **overrides)
+    params = load_params_with_set(args.params, GRPOParams, args.set)
     trainer = GRPOTrainer(params)
     try:
         trainer.fit()

@@ -18,9 +18,11 @@ see identical initial noise.
 | ``checkpoint``           | the weights: a tiny base dir, a cold-start ``lora``/``merged`` dir, a GRPO ``checkpoints/epoch_XXXX`` or any LoRA dir |
 | ``found n / N``          | ShapeCounter count n against the prompt's count N (green when n == N)           |
 
-A checkpoint string resolves (:func:`resolve_checkpoint`) to a recipe: base weights, LoRAs folded in first, and the
-LoRA attached on top. A GRPO LoRA was trained on top of the cold-start model, so its recipe merges the run's
-cold-start LoRA first (read from the run's ``summary.json`` params, else from ``<run>/cold_start``).
+A checkpoint string resolves (:func:`resolve_checkpoint`) to a :class:`grpo_lib.checkpoints.Recipe`: base weights,
+LoRAs folded in first, and the LoRA attached on top, with its checkpoint's EMA weights when training kept an EMA
+(the weights the trainer evaluated and the experiment reports). A GRPO LoRA was trained on top of the cold-start
+model, so its recipe merges the run's cold-start LoRA first (read from the checkpoint's ``params.json``, else the
+run's ``summary.json`` params, else ``<run>/cold_start``). :func:`grpo_lib.checkpoints.load_policy` builds it.
 LoRA paths are checked by :func:`grpo_lib.infer.resolve_lora` before anything loads.
 
 Everything the widget shows is also kept on the object (``last_images``, ``last_tables``, ``last_pngs``,
@@ -38,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from .checkpoints import REPO, Recipe, grpo_recipe, load_policy, repo_path as _path  # noqa: F401  (load_policy: the widget's loader)
+
 BASE_CHECKPOINT = "data/checkpoints/tiny-base"
 
 
@@ -79,38 +82,6 @@ class PreviewParams:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Recipe:
-    """How to build a policy: ``from_pretrained(base)``, then each of ``merges`` loaded and merged, then
-    ``lora`` attached (None: none)."""
-    base: Path
-    merges: tuple[Path, ...] = ()
-    lora: Path | None = None
-
-
-def _path(p: str | Path) -> Path:
-    p = Path(p)
-    return p if p.is_absolute() else REPO / p
-
-
-def _run_start(run: Path) -> tuple[Path, tuple[Path, ...]]:
-    """(base, merges) a GRPO run started from: its summary.json params, else its cold_start outputs."""
-    summary = run / "summary.json"
-    if summary.is_file():
-        try:
-            params = json.loads(summary.read_text()).get("params", {})
-        except json.JSONDecodeError:
-            params = {}
-        if params.get("model"):
-            cs = params.get("cold_start_lora") or ""
-            return _path(params["model"]), ((_path(cs),) if cs else ())
-    if (run / "cold_start" / "merged" / "tiny_policy.json").is_file():
-        return run / "cold_start" / "merged", ()
-    if (run / "cold_start" / "lora").is_dir():
-        return _path(BASE_CHECKPOINT), (run / "cold_start" / "lora",)
-    return _path(BASE_CHECKPOINT), ()
-
-
 def resolve_checkpoint(spec: str) -> Recipe:
     """A checkpoint string -> :class:`Recipe`; ``ValueError`` (``InferError``) naming the path when it holds
     neither a tiny base (``tiny_policy.json``) nor a tiny LoRA."""
@@ -131,11 +102,7 @@ def resolve_checkpoint(spec: str) -> Recipe:
         raise InferError(f"checkpoint {spec!r} is an SD3 LoRA; the preview runs the embedded world's tiny policy")
     # <run>/checkpoints/epoch_XXXX/lora is a GRPO LoRA (on top of the run's cold start);
     # <run>/cold_start/checkpoints/step_XXXXXX/lora and <run>/cold_start/lora are cold-start LoRAs (on the base)
-    parts = lora.parts
-    if len(parts) >= 4 and parts[-3] == "checkpoints" and parts[-1] == "lora" and parts[-4] != "cold_start":
-        base, merges = _run_start(lora.parents[2])
-        return Recipe(base=base, merges=merges, lora=lora)
-    return Recipe(base=_path(BASE_CHECKPOINT), lora=lora)
+    return grpo_recipe(lora, BASE_CHECKPOINT)
 
 
 def list_checkpoints(runs_root: str | Path = "runs") -> list[str]:
@@ -158,18 +125,6 @@ def _display(p: Path) -> str:
         return str(p.relative_to(REPO))
     except ValueError:
         return str(p)
-
-
-def load_policy(recipe: Recipe):
-    from .policies.tiny import TinyPolicy
-
-    policy = TinyPolicy.from_pretrained(recipe.base)
-    for m in recipe.merges:
-        policy.load_lora(m)
-        policy.merge_lora()
-    if recipe.lora is not None:
-        policy.load_lora(recipe.lora)
-    return policy.eval()
 
 
 class _StepCounter:
@@ -292,7 +247,7 @@ class InferencePreview:
 
     # -- inputs -------------------------------------------------------------------------------
     def _fill_prompt(self, _change=None) -> None:
-        from .scenes import counting_row
+        from .prompts import counting_row
 
         if self.cls.value != self.CUSTOM:
             self.prompt.value = counting_row(self.cls.value, int(self.count.value))["prompt"]

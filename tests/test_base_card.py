@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from grpo_lib import scenes
+from grpo_lib.prompts import counting_row, load_rows, row_target
 from grpo_lib.base_card import quick_detect, quick_figures, sample_images, shape_counter_figures
 from grpo_lib.policies.tiny import TinyConfig, TinyPolicy
 
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def truth():
-    rows = scenes.load_rows(REPO / "data" / "counting" / "train.jsonl")[::7]      # 130 rows, counts 1-10
+    rows = load_rows(REPO / "data" / "counting" / "train.jsonl")[::7]      # 130 rows, counts 1-10
     images, _ = scenes.render_rows(rows, seed=5)
     return images, rows
 
@@ -29,12 +30,12 @@ def test_ground_truth_renders_score_perfectly(truth):
     for figs in (quick_figures(images, rows), shape_counter_figures(images, rows)):
         assert figs["acc_all"] == 1.0 and figs["clean_background"] == 1.0
         assert figs["well_formed_objects"] >= 0.97     # ShapeCounter's shape model rejects ~3 % of rendered discs
-        assert figs["objects"] == sum(scenes.row_target(r)[1] for r in rows)
+        assert figs["objects"] == sum(row_target(r)[1] for r in rows)
 
 
 def test_defects_are_caught(truth):
     images, rows = truth
-    i = next(k for k, r in enumerate(rows) if scenes.row_target(r)[1] == 2)
+    i = next(k for k, r in enumerate(rows) if row_target(r)[1] == 2)
     img = images[i].copy()
     base = quick_detect(img)
     assert base["count"] == 2 and base["well_formed"] == 2 and base["stray"] == 0
@@ -46,10 +47,10 @@ def test_defects_are_caught(truth):
     d = quick_detect(blob)
     assert d["count"] == 1 and d["well_formed"] == 0
     # ShapeCounter cuts the slab into squares: the count is wrong, so accuracy catches it
-    assert shape_counter_figures(blob[None], [scenes.counting_row("red square", 1)])["acc_all"] == 0.0
+    assert shape_counter_figures(blob[None], [counting_row("red square", 1)])["acc_all"] == 0.0
     plus = np.full_like(img, scenes.BACKGROUND)
     plus[10:19, 13:16] = plus[13:16, 10:19] = scenes.COLORS["red"]     # one object, but no square
-    figs = shape_counter_figures(plus[None], [scenes.counting_row("red square", 1)])
+    figs = shape_counter_figures(plus[None], [counting_row("red square", 1)])
     assert figs["acc_all"] == 1.0 and figs["well_formed_objects"] == 0.0
 
 

@@ -95,7 +95,7 @@ def test_finish_writes_lora_and_merged_that_the_grpo_stage_loads(tiny_base, tmp_
 
 
 def test_select_eval_rows_spreads_over_each_count(repo):
-    from grpo_lib.scenes import load_rows
+    from grpo_lib.prompts import load_rows
     rows = load_rows(repo / "data/counting/test.jsonl")
     sel = select_eval_rows(rows, 3)
     assert [r["include"][0]["count"] for r in sel] == [n for n in range(1, 11) for _ in range(3)]
@@ -119,7 +119,8 @@ def _imagefolder(folder, n=6, size=64):
     """A handful of rendered counting scenes written in the Hugging Face imagefolder layout."""
     from PIL import Image
 
-    from grpo_lib.scenes import counting_row, render_scene
+    from grpo_lib.scenes import render_scene
+    from grpo_lib.prompts import counting_row
 
     folder.mkdir(parents=True)
     lines = []

@@ -8,7 +8,8 @@ import pytest
 from grpo_lib.evaluate import (EvalParams, compare_stages, paired_difference, confusion_table, load_imagefolder, overall_summary,
                                per_count_accuracy, per_image_table, plot_accuracy_per_count, plot_confusion,
                                plot_image_grid, run_evaluation, save_image_grid, save_imagefolder, wilson_interval)
-from grpo_lib.scenes import counting_row, render_rows
+from grpo_lib.prompts import counting_row
+from grpo_lib.scenes import render_rows
 
 
 @pytest.mark.parametrize("k, n, expected", [

@@ -119,7 +119,7 @@ def test_lora_of_another_architecture_and_truncated_file(tiny, tmp_path, capsys)
 
 
 def test_default_prompt_is_a_test_row_and_base_only(tiny, tmp_path, capsys):
-    from grpo_lib.scenes import load_rows
+    from grpo_lib.prompts import load_rows
 
     rc = infer.main(["--lora_path", "none", "--model_name", str(tiny / "base"), "--num_images", "1",
                      "--num_steps", "1", "--seed", "3", "--output_dir", str(tmp_path)])

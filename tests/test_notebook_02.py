@@ -1,12 +1,21 @@
 """Notebook 02 end to end at smoke size: GRPO trains, every stage is evaluated, summary.json is written."""
 import json
+import time
 
 import pytest
 
+from grpo_lib import progress
+
 
 @pytest.mark.slow
-def test_counting_grpo_notebook_smoke(run_notebook):
-    executed, run_dir = run_notebook("02_counting_grpo")
+def test_counting_grpo_notebook_smoke(run_notebook, tmp_path):
+    seen = []      # what make run's terminal shows while the kernel trains (the pipeline tails progress.log)
+    with progress.Tail(tmp_path / "run" / progress.FILE, emit=lambda line: seen.append((time.monotonic(), line)),
+                       interval=0.2):
+        executed, run_dir = run_notebook("02_counting_grpo")
+        t_done = time.monotonic()
+    assert [line.split("  ")[0] for _, line in seen] == ["[grpo] eval", "[grpo] epoch 1/1", "[grpo] eval"]
+    assert seen[0][0] < t_done and "elapsed, ETA" in seen[1][1]      # printed during the run, not after it
     summary = json.loads((run_dir / "summary.json").read_text())
     overall = next(r for r in summary["test"] if r["count"] == "all")
     assert overall["base_n"] == overall["grpo_n"] == 5             # final_max_prompts x 1 image

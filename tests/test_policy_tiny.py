@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo_lib import scenes
+from grpo_lib.prompts import load_rows
 from grpo_lib.policies.base import Cond, Policy, apply_cfg
 from grpo_lib.policies.tiny import BOS, PAD, UNK, TinyConfig, TinyPolicy
 
@@ -55,7 +55,7 @@ def test_contract_and_shapes(x):
 def test_tokenizer_covers_every_shipped_prompt(repo):
     tok = make().tokenizer
     for name in ("train", "test", "test_unseen_counts"):
-        rows = scenes.load_rows(repo / "data" / "counting" / f"{name}.jsonl")
+        rows = load_rows(repo / "data" / "counting" / f"{name}.jsonl")
         ids, mask = tok([r["prompt"] for r in rows])
         assert not (ids == UNK).any(), name
         assert (ids[:, 0] == BOS).all() and ((ids == PAD) == (mask == 0)).all()

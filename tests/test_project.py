@@ -91,3 +91,57 @@ PARAM_FILES = sorted((__import__("pathlib").Path(P.__file__).resolve().parents[1
 @pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
 def test_every_params_file_validates(path):
     P.load_params(path)
+
+
+# -- issue 14 item 9: params that say what changed ---------------------------------------------------------
+
+def test_base_key_chains_relative_to_the_file_and_names_a_cycle(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yaml").write_text("lr: 0.5\nsteps: 3\nnote: a\n")
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nsteps: 4\n")
+    (tmp_path / "sub" / "c.yaml").write_text("base: b.yaml\nnote: c\n")          # relative to sub/, not the cwd
+    assert P.load_params(tmp_path / "sub" / "c.yaml", _Demo) == _Demo(lr=0.5, steps=4, note="c")
+    (tmp_path / "x.yaml").write_text("base: y.yaml\nlr: 1.0\n")
+    (tmp_path / "y.yaml").write_text("base: x.yaml\n")
+    with pytest.raises(ValueError, match=r"params base chain is a cycle: x.yaml -> y.yaml -> x.yaml"):
+        P.load_params(tmp_path / "x.yaml", _Demo)
+    (tmp_path / "z.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ValueError, match=r"missing.yaml' does not exist \(base chain z.yaml -> missing.yaml\)"):
+        P.load_params(tmp_path / "z.yaml", _Demo)
+    (tmp_path / "c2").mkdir()
+    (tmp_path / "c2" / "bad.yaml").write_text("base: ../a.yaml\nstpes: 1\n")
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['stpes'\] in .*c2/bad.yaml"):
+        P.load_params(tmp_path / "c2" / "bad.yaml", _Demo)
+
+
+def test_set_errors_name_set_not_the_yaml(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("lr: 0.5\n")
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['stpes'\] in --set for _Demo") as e:
+        P.load_params_with_set(f, _Demo, ["stpes=2"])
+    assert "x.yaml" not in str(e.value)
+    with pytest.raises(ValueError, match=r"parameter steps='many' in --set has type str"):
+        P.load_params_with_set(f, _Demo, ["steps=many"])
+    # a script's --set reaches this message (train's CLI exits with it)
+    from grpo_lib.train import main
+    with pytest.raises(ValueError, match=r"\['num_epoch'\] in --set for GRPOParams"):
+        main([str(REPO_PARAMS / "02_counting_grpo__smoke.yaml"), "--set", "num_epoch=2"])
+
+
+REPO_PARAMS = __import__("pathlib").Path(P.__file__).resolve().parents[1] / "params"
+
+
+@pytest.mark.parametrize("name", ["strict_all", "strict_random_50", "partial_first_50", "no_cold_start"])
+def test_ablations_hold_their_one_line_difference(name):
+    raw = yaml.safe_load((REPO_PARAMS / f"02_counting_grpo__{name}.yaml").read_text())
+    assert raw["base"] == "02_counting_grpo__strict_first_50.yaml" and len(raw) == 2, raw
+    ablation = P.to_dict(P.load_params(REPO_PARAMS / f"02_counting_grpo__{name}.yaml"))
+    default = P.to_dict(P.load_params(REPO_PARAMS / "02_counting_grpo__strict_first_50.yaml"))
+    assert len([k for k in default if default[k] != ablation[k]]) == 1
+
+
+def test_pipeline_stages_name_existing_params_files():
+    from grpo_lib.pipeline import STAGES
+
+    for notebook, experiment in STAGES:
+        assert experiment is None or (REPO_PARAMS / f"{notebook}__{experiment}.yaml").is_file()

@@ -8,7 +8,8 @@ import pytest
 from grpo_lib.rewards import available_rewards, build_reward
 from grpo_lib.rewards.counting import CountingShaped, measure_counting
 from grpo_lib.rewards.degrade import degrade
-from grpo_lib.scenes import BACKGROUND, COLORS, counting_row, render_scene
+from grpo_lib.prompts import counting_row
+from grpo_lib.scenes import BACKGROUND, COLORS, render_scene
 
 ALL = {"counting_strict": 1.0, "counting_partial": 1.0, "counting_shaped": 1.0}
 

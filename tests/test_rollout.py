@@ -59,6 +59,14 @@ class GaussianPolicy:
     def reference(self):
         return contextlib.nullcontext()
 
+    has_frozen_reference = False      # the rest of the Policy contract: nothing trains, no adapter
+
+    def save_lora(self, directory):
+        raise ValueError("GaussianPolicy has no LoRA")
+
+    def train_mode(self, on):
+        pass
+
 
 class ConvPolicy(nn.Module):
     """A tiny conv-net velocity with a prompt embedding, a trainable part and a frozen reference copy."""
@@ -100,6 +108,14 @@ class ConvPolicy(nn.Module):
 
     def trainable_parameters(self):
         return [p for n, p in self.named_parameters() if n.startswith(("conv", "film"))]
+
+    has_frozen_reference = True       # reference() swaps in its own frozen copy of the initial weights
+
+    def save_lora(self, directory):
+        raise ValueError("ConvPolicy trains its own weights, not a LoRA")
+
+    def train_mode(self, on):
+        self.eval()
 
     @contextlib.contextmanager
     def reference(self):
@@ -318,7 +334,7 @@ def test_sample_for_rows_is_batching_invariant():
     import torch
     from grpo_lib.policies.tiny import TinyConfig, TinyPolicy
     from grpo_lib.rollout import sample_for_rows
-    from grpo_lib.scenes import counting_row
+    from grpo_lib.prompts import counting_row
 
     policy = TinyPolicy(TinyConfig(block_out_channels=(16, 32, 32), text_dim=32, text_layers=1), seed=0)
     rows = [counting_row("red circle", n) for n in (1, 2, 3)]

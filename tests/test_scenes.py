@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from grpo_lib import scenes
-from grpo_lib.scenes import (BACKGROUND, COLORS, SHAPES, ExactCountDataset, WebCaptionDataset,
-                             build_prompt_sets, render_scene, row_target)
+from grpo_lib.prompts import build_prompt_sets, counting_row, row_target
+from grpo_lib.scenes import BACKGROUND, COLORS, SHAPES, ExactCountDataset, WebCaptionDataset, render_scene
 
 
 @pytest.mark.parametrize("count", [1, 5, 10, 15, 20])
@@ -60,7 +60,7 @@ def test_prompt_sets_shipped_match_generator(repo):
     built = build_prompt_sets(seed=0)
     for name, rows in built.items():
         shipped = [json.loads(l) for l in (repo / "data" / "counting" / f"{name}.jsonl").read_text().splitlines()]
-        assert shipped == rows, f"data/counting/{name}.jsonl is stale: rerun python -m grpo_lib.scenes --write-prompts data/counting"
+        assert shipped == rows, f"data/counting/{name}.jsonl is stale: rerun python -m grpo_lib.prompts --write-prompts data/counting"
 
 
 def test_prompt_sets_split_and_format():
@@ -80,8 +80,8 @@ def test_prompt_sets_split_and_format():
     assert {row_target(r)[1] for r in sets["test_unseen_counts"]} == set(range(11, 16))
     r = sets["train"][0]
     assert r["tag"] == "counting" and r["exclude"][0]["count"] == r["include"][0]["count"] + 1
-    assert scenes.counting_row("red circle", 4)["prompt"] == "a photo of four red circles"
-    assert scenes.counting_row("red circle", 1)["prompt"] == "a photo of one red circle"
+    assert counting_row("red circle", 4)["prompt"] == "a photo of four red circles"
+    assert counting_row("red circle", 1)["prompt"] == "a photo of one red circle"
 
 
 def test_web_captions_hide_counts_above_three():

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from grpo_lib.scenes import counting_row, render_scene
+from grpo_lib.prompts import counting_row
+from grpo_lib.scenes import render_scene
 from grpo_lib.server import (Detection, RemoteCountingReward, RequestError, RewardServerError, ServerConfig,
                              encode_png, geneval_judge, parse_request)
 

@@ -11,11 +11,16 @@ def brightness_reward(images, prompts, rows):
     return r, {"brightness": r, "strict": (r > 0.5).astype(np.float32)}
 
 
-def tiny_policy(seed: int = 0, rank: int = 4):
+def tiny_base(seed: int = 0):
+    """A small random tiny policy without a LoRA."""
     from grpo_lib.policies.tiny import TinyConfig, TinyPolicy
 
     cfg = TinyConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, text_dim=32, text_layers=1)
-    policy = TinyPolicy(cfg, seed=seed)
+    return TinyPolicy(cfg, seed=seed)
+
+
+def tiny_policy(seed: int = 0, rank: int = 4):
+    policy = tiny_base(seed)
     torch.manual_seed(seed)
     policy.add_lora({"r": rank, "lora_alpha": rank})
     return policy

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .base import Cond, adapters_disabled, apply_cfg, images_to_uint8
+from .base import Cond, adapters_disabled, apply_cfg, check_velocity_args, images_to_uint8
 from .base import lora_config as _base_lora_config
 
 # The LoRA that GRPO trains always carries this peft adapter name, so saving, loading, merging and
@@ -259,18 +259,12 @@ class SD3Policy:
         With ``guidance_scale == 1`` the unconditional pass is skipped (v = v_c). Gradients flow to
         the LoRA parameters (no ``no_grad`` here). Returns float32 (B, C, h, w), the SDE step's precision.
         """
-        if not (isinstance(x_t, torch.Tensor) and x_t.is_floating_point() and x_t.ndim == 4):
-            raise ValueError(f"x_t must be a float tensor (B, C, h, w), got "
-                             f"{type(x_t).__name__} {tuple(getattr(x_t, 'shape', ()))}")
+        b = check_velocity_args(x_t, cond, guidance_scale)       # any h, w: checked against the patch below
         c = self.transformer.config.in_channels
         p = self.transformer.config.patch_size
         if x_t.shape[1] != c or x_t.shape[2] % p or x_t.shape[3] % p:
             raise ValueError(f"x_t has shape {tuple(x_t.shape)}; expected (B, {c}, h, w) with h, w multiples of "
                              f"patch_size {p} (this policy's latent_shape is {self.latent_shape})")
-        b = x_t.shape[0]
-        if not isinstance(cond, Cond) or len(cond) != b:
-            raise ValueError(f"cond must be a Cond with {b} rows (one per x_t sample), got "
-                             f"{len(cond) if isinstance(cond, Cond) else type(cond).__name__}")
         missing = {"prompt_embeds", "pooled_prompt_embeds"} - set(cond.tensors)
         if missing:
             raise ValueError(f"cond.tensors lacks {sorted(missing)}; build cond with SD3Policy.encode")
@@ -360,6 +354,16 @@ class SD3Policy:
         if not self.has_lora:
             return contextlib.nullcontext()  # no adapter: the policy is its own reference
         return adapters_disabled(self.transformer)
+
+    @property
+    def has_frozen_reference(self) -> bool:
+        """False: ``reference()`` switches the LoRA off."""
+        return False
+
+    def train_mode(self, on: bool) -> None:
+        """The transformer stays in eval mode (SD3's MMDiT has no active dropout in Flow-GRPO, and the update
+        must recompute exactly the rollout's log-probs)."""
+        self.transformer.train(False)
 
     def merge_lora(self, *, new_adapter: bool = True, lora: Any = None) -> None:
         """W <- W + (alpha / r) B A for every LoRA layer; then the adapter is removed and, with

@@ -75,7 +75,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .base import Cond, apply_cfg, images_to_uint8
+from .base import Cond, FrozenReference, apply_cfg, check_velocity_args, images_to_uint8, select_trainable
 
 # ------------------------------------------------------------------------------------------------
 # Constants
@@ -344,7 +344,7 @@ class ShowO2Policy:
     already-loaded parts, so tests can hand it anything with Show-o2's interface.
 
     Trainable parameters are chosen by name (``trainable``: ``pattern:<regex>`` searched in the
-    parameter name, or ``all``) through ``grpo_lib.train.select_trainable``; everything else is frozen.
+    parameter name, or ``all``) through ``grpo_lib.policies.base.select_trainable``; everything else is frozen.
     ``reference()`` swaps a frozen copy of the initial trainable weights in (the KL reference).
     """
 
@@ -353,8 +353,6 @@ class ShowO2Policy:
     def __init__(self, model: torch.nn.Module, tokenizer, token_ids: dict[str, int], vae, modules: ShowO2Modules,
                  *, resolution: int = 432, max_seq_len: int = 1024, trainable: str = DEFAULT_TRAINABLE,
                  weight_dtype: torch.dtype = torch.float32, frozen_reference: bool = True):
-        from grpo_lib.train import FrozenReference, select_trainable
-
         if trainable == "lora":
             raise ValueError("trainable='lora' is not available for Show-o2: its head's own weights train; use "
                              f"{DEFAULT_TRAINABLE!r} (the write-up's head-only run) or 'all' (full finetuning)")
@@ -499,15 +497,7 @@ class ShowO2Policy:
         predicts dx_t/dt = x_1 - x_0 in the ``noise_at_zero`` convention. No ``no_grad`` (GRPO
         differentiates through it); Show-o2's ``t2i_generate`` is decorated with ``no_grad``, so it is not used.
         """
-        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4 or tuple(x_t.shape[1:]) != self.latent_shape:
-            raise ValueError(f"x_t must be a tensor of shape (B, {', '.join(map(str, self.latent_shape))}), got "
-                             f"{tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__}")
-        B = x_t.shape[0]
-        if len(cond) != B:
-            raise ValueError(f"cond holds {len(cond)} prompts but x_t holds {B} samples")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0 (1 = no CFG)")
+        B = check_velocity_args(x_t, cond, guidance_scale, self.latent_shape)
         dev = self.device
         tt = _batch_time(t, B, dev)                                                    # (B,)
         x = x_t.to(dev)
@@ -542,6 +532,14 @@ class ShowO2Policy:
         """True when ``reference()`` swaps in its own frozen copy, so a trainer need not keep a second one
         (for the 0.8B head a second float32 copy is 3.2 GB of GPU memory)."""
         return self._frozen is not None
+
+    def save_lora(self, directory) -> Path:
+        raise ValueError("ShowO2Policy trains its head's own weights, not a LoRA: its checkpoint is the trainer "
+                         "state's 'trainable' tensors")
+
+    def train_mode(self, on: bool) -> None:
+        """The model stays in eval mode (rollout and update must compute the same log-probs)."""
+        self.model.train(False)
 
     def reference(self) -> contextlib.AbstractContextManager:
         """Inside it the policy is the frozen reference: the initial trainable weights swapped in

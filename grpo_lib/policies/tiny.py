@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Cond, adapters_disabled, apply_cfg, check_convention, images_to_uint8
+from .base import Cond, adapters_disabled, apply_cfg, check_convention, check_velocity_args, images_to_uint8
 from .base import lora_config as _base_lora_config
 
 ADAPTER_NAME = "default"
@@ -311,14 +311,7 @@ class TinyPolicy(nn.Module):
 
         No ``no_grad`` here: GRPO differentiates through it. x_t: (B, 3, H, W) -> v: (B, 3, H, W).
         """
-        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4 or tuple(x_t.shape[1:]) != self.latent_shape:
-            raise ValueError(f"x_t must be a tensor of shape (B, {', '.join(map(str, self.latent_shape))}), "
-                             f"got {tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__}")
-        B = x_t.shape[0]
-        if len(cond) != B:
-            raise ValueError(f"cond holds {len(cond)} prompts but x_t holds {B} samples")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
+        B = check_velocity_args(x_t, cond, guidance_scale, self.latent_shape)
         tt = self._time(t, B)
         sigma = tt if self.convention == "noise_at_one" else 1.0 - tt    # native time of the network
         x = x_t.to(self.dtype)
@@ -372,6 +365,17 @@ class TinyPolicy(nn.Module):
         if not self.has_lora:
             return contextlib.nullcontext()
         return adapters_disabled(self.unet)
+
+    @property
+    def has_frozen_reference(self) -> bool:
+        """False: ``reference()`` switches the LoRA off; a trainer training the weights themselves keeps its
+        own frozen copy (``base.FrozenReference``)."""
+        return False
+
+    def train_mode(self, on: bool) -> None:
+        """The UNet stays in eval mode whatever ``on`` says: it has no dropout, and the update must recompute
+        exactly the rollout's log-probs."""
+        self.eval()
 
     def merge_lora(self, *, new_adapter: bool = False, lora: Any = None) -> None:
         """W <- W + (alpha / r) B A in every LoRA layer, then drop the adapter: the merged model becomes

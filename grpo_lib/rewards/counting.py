@@ -56,7 +56,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from grpo_lib.rewards.detector import ShapeCounter, area_quality
+from grpo_lib.rewards.detector import ShapeCounter, area_quality, check_images
 from grpo_lib.scenes import MAX_COUNT, parse_class
 
 MEASURE_KEYS = ("target", "count", "correct", "error", "confidence", "n_detections", "n_specks",
@@ -65,13 +65,7 @@ MEASURE_KEYS = ("target", "count", "correct", "error", "confidence", "n_detectio
 
 def check_batch(images, prompts, metadata) -> tuple[np.ndarray, list[str], list[int]]:
     """Validate a reward call; return (images, classes, targets). ValueError names what is wrong."""
-    if not isinstance(images, np.ndarray):
-        raise ValueError(f"images must be a numpy uint8 array (B, H, W, 3), got {type(images).__name__}")
-    if images.dtype != np.uint8:
-        raise ValueError(f"images dtype is {images.dtype}, expected uint8 (B, H, W, 3)")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images shape is {images.shape}, expected (B, H, W, 3)")
-    B = images.shape[0]
+    B = check_images(images).shape[0]
     if B == 0:
         raise ValueError("empty batch: images has B = 0; a reward needs at least one image")
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):

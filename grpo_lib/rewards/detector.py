@@ -255,7 +255,7 @@ class ShapeCounter:
         ``counts[i]`` (optional) is the count the prompt asks for; it selects the renderer's size
         range for the completeness rule and the size prior of the splitter (``None``: all counts).
         """
-        images = _check_images(images)
+        images = check_images(images)
         B, H, W, _ = images.shape
         if len(classes) != B:
             raise ValueError(f"got {B} images but {len(classes)} classes; expected one class per image")
@@ -476,7 +476,8 @@ class ShapeCounter:
 
 # --- helpers ----------------------------------------------------------------------------------
 
-def _check_images(images) -> np.ndarray:
+def check_images(images) -> np.ndarray:
+    """The reward contract's images: a numpy uint8 array (B, H, W, 3); a ValueError names what is not."""
     if not isinstance(images, np.ndarray):
         raise ValueError(f"images must be a numpy uint8 array (B, H, W, 3), got {type(images).__name__}")
     if images.dtype != np.uint8:

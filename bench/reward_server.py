@@ -13,7 +13,8 @@ after with the same script), then:
       - ``worst allowed``: the most the default limits admit at once: 4 grey 2048x2048 images
         (max_total_pixels), 2 classes each (max_pixel_queries), padded with a prompt to just under
         max_request_bytes (64 MiB).
-    Each request runs in a fresh server so the peaks do not mask each other.
+    Each request runs in a fresh server so the peaks do not mask each other; ``--concurrent N`` sends
+    N copies at once (the worker admits ``max_inflight`` of them at a time, detection one at a time).
 
 Usage:
   python bench/reward_server.py --mode load --clients 8 --requests 50 --batch 8
@@ -49,11 +50,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(src: Path, workers: int) -> tuple[subprocess.Popen, str]:
+def start_server(src: Path, workers: int, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(src))
     proc = subprocess.Popen([sys.executable, "-m", "grpo_lib.server", "--detector", "shapes", "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", str(workers)], cwd=src, env=env,
+                             "--port", str(port), "--workers", str(workers), *extra], cwd=src, env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile())
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -134,16 +135,19 @@ def memory(a) -> None:
     from grpo_lib.server import encode_png
     warm_body = json.dumps({"images": [encode_png(warm)], "meta_datas": [counting_row("red circle", 3)],
                             "only_strict": True}).encode()
-    print(f"server src={a.server_src} workers=1 cpu_count={os.cpu_count()}")
+    print(f"server src={a.server_src} {a.server_args} workers=1 concurrent={a.concurrent} cpu_count={os.cpu_count()}")
     print(f"{'request':<52} {'body MiB':>8} {'status':>6} {'RSS before':>10} {'peak RSS':>9} {'seconds':>8}")
     for name, body in costly_requests().items():
-        proc, url = start_server(a.server_src, 1)
+        proc, url = start_server(a.server_src, 1, a.server_args.split())
         try:
             assert post(url, warm_body)[0] == 200
             rss0, _ = worker_memory_mb(proc.pid)
             t0 = time.perf_counter()
-            status, text = post(url, body)
+            with ThreadPoolExecutor(a.concurrent) as pool:        # the same request from N clients at once
+                answers = list(pool.map(lambda _: post(url, body), range(a.concurrent)))
             dt = time.perf_counter() - t0
+            status, text = next((s, t) for s, t in answers if s != 200) if any(s != 200 for s, _ in answers) \
+                else answers[0]
             _, hwm = worker_memory_mb(proc.pid)
         finally:
             stop(proc)
@@ -163,7 +167,7 @@ def load(a) -> None:
                   for _ in range(a.batch)]
         rows = [counting_row(s.cls, s.count) for s in scenes]
         batches.append((np.stack([s.image for s in scenes]), rows, np.array([s.count for s in scenes])))
-    proc, url = start_server(a.server_src, a.workers)
+    proc, url = start_server(a.server_src, a.workers, a.server_args.split())
     lats, wrong, lock = [], [0], threading.Lock()
     try:
         RemoteCountingReward(url)(*batches[0][:1], [r["prompt"] for r in batches[0][1]], batches[0][1])   # warm-up
@@ -191,7 +195,7 @@ def load(a) -> None:
         stop(proc)
     lat = np.array(lats)
     n = len(lat)
-    print(f"client src={a.src} server src={a.server_src} workers={a.workers} clients={a.clients} requests/client={a.requests} batch={a.batch} "
+    print(f"client src={a.src} server src={a.server_src} {a.server_args} workers={a.workers} clients={a.clients} requests/client={a.requests} batch={a.batch} "
           f"(32x32) cpu_count={os.cpu_count()} load_avg={os.getloadavg()[0]:.2f}")
     print(f"requests {n}, wrong counts {wrong[0]}: {n / wall:.1f} req/s, {n * a.batch / wall:.0f} images/s, "
           f"p50 {1e3 * np.percentile(lat, 50):.1f} ms, p99 {1e3 * np.percentile(lat, 99):.1f} ms; "
@@ -205,9 +209,11 @@ def main(argv=None) -> int:
     ap.add_argument("--server-src", type=Path, default=None,
                     help="checkout whose server runs, if not --src's (to tell client from server costs)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--server-args", default="", help="extra server flags, e.g. '--max-inflight 8'")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=50, help="requests per client")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--concurrent", type=int, default=1, help="memory mode: copies of each costly request sent at once")
     a = ap.parse_args(argv)
     a.src = a.src.resolve()
     a.server_src = (a.server_src or a.src).resolve()

@@ -81,7 +81,7 @@ class ServerConfig:
     max_image_pixels: int = 2048 * 2048     # per image
     max_total_pixels: int = 64 * 512 * 512  # images x pixels (upstream's batch: 64 images of 512^2)
     max_pixel_queries: int = 2 * 64 * 512 * 512   # pixels x classes asked about
-    max_inflight: int = 2                   # requests read + parsed + scored at once, per worker
+    max_inflight: int = 4                   # requests read + parsed + scored at once, per worker (scoring: one at a time)
     max_connections: int = 64               # open connections per worker (more get 503)
     request_timeout_s: float = 30.0         # to receive a request's headers, and then its body
     counting_threshold: float = 0.9

@@ -66,6 +66,8 @@ class GRPOParams:
     test_prompts: str = "data/counting/test.jsonl"         # test rows: only the final evaluation reads them
     reward: dict[str, float] = field(default_factory=lambda: {"counting_strict": 1.0})  # name -> weight
     reward_server_url: str = ""                            # score remotely (grpo_lib.server) instead; "" local
+    reward_server_retries: int = 12                        # retries of a failed server call (waits 0.5, 1, 2, 4, 8 s...: 71.5 s in all)
+    reward_server_timeout_s: float = 120.0                 # seconds per reward server call attempt
     resolution: int = 512                                  # image size for sd3 / showo2 (embedded: checkpoint's)
     showo2_repo: str = ""                                  # Show-o checkout (its show-o2 folder) for world showo2
     showo2_vae_path: str = ""                              # Wan2.1_VAE.pth for Show-o2's decoder
@@ -137,6 +139,11 @@ class GRPOParams:
         if self.batches_per_epoch % self.updates_per_epoch:
             raise ValueError(f"batches_per_epoch={self.batches_per_epoch} is not a multiple of "
                              f"updates_per_epoch={self.updates_per_epoch}; each update must see whole batches")
+        if isinstance(self.reward_server_retries, bool) or not isinstance(self.reward_server_retries, int) \
+                or self.reward_server_retries < 0:
+            raise ValueError(f"reward_server_retries={self.reward_server_retries!r} must be an integer >= 0")
+        if not self.reward_server_timeout_s > 0:
+            raise ValueError(f"reward_server_timeout_s={self.reward_server_timeout_s} must be > 0")
         if self.noise_level < 0:
             raise ValueError(f"noise_level={self.noise_level} must be >= 0")
         from grpo_lib.objectives import AWM_WEIGHTINGS, OBJECTIVES
@@ -738,7 +745,8 @@ def build_reward_for(p: GRPOParams):
         else:
             raise ValueError(f"reward={p.reward} with reward_server_url: the server scores one of "
                              "{'counting_strict': 1.0} or {'counting_partial': 1.0}")
-        return RemoteCountingReward(p.reward_server_url, reward=kind)
+        return RemoteCountingReward(p.reward_server_url, reward=kind, retries=p.reward_server_retries,
+                                    timeout=p.reward_server_timeout_s)
     from grpo_lib.rewards import build_reward
     return build_reward(p.reward)
 

@@ -23,11 +23,14 @@ Memory per GPU (bytes; P GPUs, B images per GPU per sampling batch, CFG doubles 
 | stored rollouts, embeddings | computed from tensor shapes (``rollout.Trajectories``)                         |
 | overhead                    | ASSUMED (CUDA context + allocator slack), ``--overhead-gib``, default 1.5      |
 
-Error bound (see ``plan_calibration.json`` ``checks``): the block-count model predicted 4 measured blocks within
-the ``relative_error`` stored there (|e| <= 15 % required, by ``tests/test_plan.py`` at a small width too); the
-micro-batch extrapolation is linear in rows, checked once at 4 rows (``rows_check``). Nothing here ran on a GPU:
-CUDA kernels' workspaces and the caching allocator's fragmentation (often 5-20 %) are not measured, which is
-what the assumed overhead and a 10 % margin (``--margin``) stand for.
+Error bound (see ``plan_calibration.json`` ``checks``): the block-count models of ``plan_calibrate.fit_blocks``,
+fitted on 1-2 blocks, predicted the measured 4-block peaks within 1 % (SD3.5-M, both modes; Show-o2's head at 4
+and 6 blocks); the method is held to |e| <= 15 %, which ``tests/test_plan.py`` checks on the committed figures and
+by measuring at a small width. The micro-batch extrapolation is linear in rows, checked once at 4 rows
+(``rows_check``); the planner extends it to 12+ rows, which is not checked. Nothing here ran on a GPU: CUDA
+kernels' workspaces and the caching allocator's fragmentation (often 5-20 %) are not measured, which is what the
+assumed overhead and the 10 % margin (``--margin``) stand for. So read a plan as +-15 % on activations plus
+whatever the GPU allocator adds.
 
 Passes: a "pass" is one transformer forward of one row (one image, one CFG branch); a backward is counted as 2
 passes and gradient checkpointing adds one more forward. ``--seconds-per-pass`` (measured on the target GPU,
@@ -53,6 +56,7 @@ README_END = "<!-- plan-table:end -->"
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 MAX_GPUS = 64          # nearby GPU counts are searched in 1..MAX_GPUS
 SOURCES = {"config": "count from the config (meta device)", "shapes": "computed from tensor shapes",
+           "published": "published parameter count",
            "measured": "measured on CPU, extrapolated", "assumed": "assumed, not measured"}
 
 
@@ -160,30 +164,38 @@ def sd3_train_activations(cal: dict, rows: float, *, checkpointing: bool, num_la
     """Peak bytes of one forward + backward through SD3.5-M's blocks at ``rows`` transformer rows.
 
         no checkpointing:  a + 13 b_dual + 11 b_plain      (a, b fitted on 1-2 blocks, linear in rows)
-        checkpointing:     p2_dual + (24 - 2) s            (2 dual blocks' peak + each further block's inputs)
+        checkpointing:     plan_calibrate.predict(dual-block fit, 24)   (2 dual blocks' peak + 22 blocks' inputs)
 
     The last block (context_pre_only) is counted as a plain one (a slight overestimate).
     """
+    from grpo_lib.plan_calibrate import predict
+
     sd3 = cal["sd3"]
     if checkpointing:
-        f = _fit(sd3["sd3_dual"], "train_ckpt", rows)
-        return token_scale * (f["p2"] + (num_layers - 2) * f["s"])
+        return token_scale * predict(_fit(sd3["sd3_dual"], "train_ckpt", rows), num_layers)
     d, p = _fit(sd3["sd3_dual"], "train", rows), _fit(sd3["sd3_plain"], "train", rows)
     return token_scale * (d["a"] + dual_layers * d["b"] + (num_layers - dual_layers) * p["b"])
 
 
-def head_train_activations(cal: dict, rows: float, *, checkpointing: bool, num_layers: int = 10) -> float:
-    """Show-o2's flow head (``num_layers`` ModulatedAttentionBlocks), same models as :func:`sd3_train_activations`."""
+def _showo2_head(cal: dict) -> dict:
     head = cal.get("showo2_head")
     if not head:
         raise ValueError("plan_calibration.json has no showo2_head measurements; regenerate it with "
                          "python -m grpo_lib.plan_calibrate --showo2-repo <show-o2 folder>")
-    f = _fit(head, "train_ckpt" if checkpointing else "train", rows)
-    return f["p2"] + (num_layers - 2) * f["s"] if checkpointing else f["a"] + num_layers * f["b"]
+    return head
 
 
-def _infer(cal_infer: dict, rows: float) -> float:
-    return _lin_rows(cal_infer["1"], cal_infer["2"], rows)
+def head_train_activations(cal: dict, rows: float, *, checkpointing: bool, num_layers: int = 10) -> float:
+    """Show-o2's flow head (``num_layers`` ModulatedAttentionBlocks), the models of ``plan_calibrate.fit_blocks``."""
+    from grpo_lib.plan_calibrate import predict
+
+    return predict(_fit(_showo2_head(cal), "train_ckpt" if checkpointing else "train", rows), num_layers)
+
+
+def infer_peak(cal_kind: dict, rows: float, num_layers: int) -> float:
+    """No-grad forward through ``num_layers`` blocks: f(2) (measured, linear in rows) + (n - 2) cached casts."""
+    f2 = _lin_rows(cal_kind["infer"]["1"], cal_kind["infer"]["2"], rows)
+    return f2 + (num_layers - 2) * cal_kind["cast_bytes_per_block"]
 
 
 @dataclass
@@ -203,6 +215,7 @@ class Plan:
     notes: list = field(default_factory=list)
     budget_gib: float = 0.0           # gpu_mem_gib x (1 - margin)
     peak_for_batch: Any = None        # (B, checkpointing: bool) -> peak GiB per GPU, the epoch's images per GPU kept
+    batch_size: int = 0               # B, images (cold start: samples) per GPU per micro-batch
 
     def frame(self):
         """Everything as one DataFrame (quantity, value, unit, source) for notebooks."""
@@ -310,24 +323,28 @@ def plan(params, *, gpus: int, gpu_mem_gib: float, groups_per_epoch: int | None 
         cfg_rows = 2 if (not cold and p.guidance_scale != 1.0) else 1
         emb_per_sample = (txt_tokens * 4096 + 2048) * wbytes * (2 if cfg_rows == 2 else 1)
 
+        def vae_decode(images):
+            return _lin_rows(cal["sd3_vae_decode"]["1"], cal["sd3_vae_decode"]["2"], images)
+
         def train_act(B, ckpt):
             return sd3_train_activations(cal, B * cfg_rows, checkpointing=ckpt, token_scale=token_scale)
 
         def rollout(B):
             if cold:   # the evaluation's sampling batch (CFG) and its decode
                 eb = p.eval_batch_size
-                return max(token_scale * _infer(cal["sd3"]["sd3_dual"]["infer"], 2 * eb),
-                           (res / 512) ** 2 * _infer(cal["sd3_vae_decode"], eb))
-            return max(token_scale * _infer(cal["sd3"]["sd3_dual"]["infer"], B * cfg_rows),
-                       (res / 512) ** 2 * _infer(cal["sd3_vae_decode"], B))
-        rollout_name = "rollout batch: no-grad MMDiT forward / VAE decode (the larger)"
+                return max(token_scale * infer_peak(cal["sd3"]["sd3_dual"], 2 * eb, 24),
+                           (res / 512) ** 2 * vae_decode(eb))
+            return max(token_scale * infer_peak(cal["sd3"]["sd3_dual"], B * cfg_rows, 24),
+                       (res / 512) ** 2 * vae_decode(B))
+        rollout_name = ("evaluation sampling batch (eval_batch_size, CFG): no-grad MMDiT / VAE decode (the larger)"
+                        if cold else "rollout batch: no-grad MMDiT forward / VAE decode (the larger)")
     else:
         s = SHOWO2_15B_CONFIG
         frozen = counts["showo2_llm"] + counts["showo2_siglip"] + counts["showo2_glue"]
         parts.append((f"Show-o2 frozen LLM + SigLIP layers + projectors, {frozen / 1e9:.2f} B params "
                       f"({p.mixed_precision})", frozen * wbytes, "config"))
         parts.append((f"Wan2.1 VAE, {counts['showo2_vae'] / 1e6:.0f} M params ({p.mixed_precision}; published "
-                      "count)", counts["showo2_vae"] * wbytes, "config"))
+                      "count)", counts["showo2_vae"] * wbytes, "published"))
         trainable = counts["showo2_head"]
         parts.append((f"flow head, {trainable / 1e6:.0f} M params: weights + grads + AdamW (float32)",
                       trainable * 16, "config"))
@@ -341,10 +358,11 @@ def plan(params, *, gpus: int, gpu_mem_gib: float, groups_per_epoch: int | None 
         llm_out_per_row = seq * (151936 + 29 * s["hidden_size"]) * wbytes
 
         def train_act(B, ckpt):
-            return head_train_activations(cal, B * cfg_rows, checkpointing=ckpt) + B * cfg_rows * llm_out_per_row
+            return (head_train_activations(cal, B * cfg_rows, checkpointing=ckpt, num_layers=s["num_diffusion_layers"])
+                    + B * cfg_rows * llm_out_per_row)
 
         def rollout(B):
-            return _infer(cal["showo2_head"]["infer"], B * cfg_rows) + B * cfg_rows * llm_out_per_row
+            return infer_peak(_showo2_head(cal), B * cfg_rows, s["num_diffusion_layers"]) + B * cfg_rows * llm_out_per_row
         rollout_name = "rollout batch: no-grad head forward + LLM logits and hidden states"
         notes.append("Show-o2: the LLM's logits and hidden states are computed from shapes; the Wan2.1 decode's "
                      "activations are not measured")
@@ -398,7 +416,8 @@ def plan(params, *, gpus: int, gpu_mem_gib: float, groups_per_epoch: int | None 
     if cold:
         samples = p.steps * p.grad_accum * p.batch_size
         passes = {"optimizer steps (whole run)": p.steps,
-                  "forward passes (rows, whole run)": samples, "backward passes (rows, whole run)": samples}
+                  "forward passes (rows, whole run)": samples,
+                  "backward passes (rows, whole run)": samples}
         fwd, bwd = samples, samples
     else:
         from grpo_lib.grpo import select_timesteps
@@ -409,14 +428,14 @@ def plan(params, *, gpus: int, gpu_mem_gib: float, groups_per_epoch: int | None 
         rollout_rows = n * p.num_steps * cfg_rows
         train_rows = n * T_train * cfg_rows
         ref_rows = train_rows if p.beta > 0 else 0
-        passes = {"images (whole run, all GPUs)": arith.images_per_epoch, "images": n,
+        passes = {"images per epoch, all GPUs": arith.images_per_epoch, "images on this GPU": n,
                   "rollout forward passes (rows)": rollout_rows,
                   "KL-reference forward passes (rows)": ref_rows, "training forward passes (rows)": train_rows,
                   "training backward passes (rows)": train_rows, "trained steps per image": T_train}
         fwd, bwd = rollout_rows + ref_rows + train_rows, train_rows
     secs = None if seconds_per_pass is None else seconds_per_pass * (fwd + 2 * bwd)
     return Plan(name, p.world, gpus, gpu_mem_gib, arith, memory, peak_gib, fits, largest, passes, secs, notes,
-                budget / GIB, lambda B, ckpt: peak(B, ckpt) / GIB)
+                budget / GIB, lambda B, ckpt: peak(B, ckpt) / GIB, cur_B)
 
 
 def plan_frame(params, **kwargs):
@@ -469,11 +488,16 @@ def calibration_table(cal: dict | None = None) -> str:
         ([("showo2_head", cal["showo2_head"])] if cal.get("showo2_head") else [])
     for kind, d in kinds:
         for r in (1, 2):
-            chk = {c["mode"]: c for c in d["checks"] if c["rows"] == r}
+            chk = {c["mode"]: c for c in d["checks"] if c["rows"] == r and c["n_blocks"] == 4}
             cells = [f"{chk[m]['predicted_bytes'] / mib:.0f} / {chk[m]['measured_bytes'] / mib:.0f} MiB "
                      f"({100 * chk[m]['relative_error']:+.1f} %)" if m in chk else "-" for m in ("train", "train_ckpt")]
             lines.append(f"| {names[kind]} | {r} | {d['fits'][f'train/{r}']['b'] / mib:.0f} MiB | "
                          f"{d['fits'][f'train_ckpt/{r}']['p2'] / mib:.0f} MiB | " + " | ".join(cells) + " |")
+    six = [c for c in (cal.get("showo2_head") or {}).get("checks", []) if c["n_blocks"] == 6]
+    if six:
+        lines += ["", "Show-o2 head, 6 blocks (a check the checkpointing model was not shaped on): " + "; ".join(
+            f"{c['mode']} rows {c['rows']}: predicted {c['predicted_bytes'] / mib:.0f} / measured "
+            f"{c['measured_bytes'] / mib:.0f} MiB ({100 * c['relative_error']:+.1f} %)" for c in six) + "."]
     rc = cal["sd3"]["rows_check"]
     vae = cal["sd3_vae_decode"]
     lines += ["", f"Rows check (2 dual blocks, no ckpt): 4 rows predicted from 1-2 rows {rc['predicted_bytes'] / mib:.0f} "
@@ -485,23 +509,33 @@ def calibration_table(cal: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+# Show-o2 has no GPU params file; the README plans the embedded Show-o2 recipe's settings on the real model
+SHOWO2_EXAMPLE = ("02_counting_grpo__showo2_convention.yaml",
+                  {"world": "showo2", "resolution": 432, "mixed_precision": "bf16", "trainable": "pattern:diffusion"})
+
+
 def readme_table(configs=None, gpus=(1, 4, 8), mems=(24, 40, 80), groups_per_epoch: int = 48) -> str:
-    """The README's generated block: the calibration table, then every shipped SD3.5-M config on 1, 4, 8 GPUs of
-    24, 40, 80 GiB (GRPO configs keep ``groups_per_epoch`` = 48, the fork's epoch)."""
-    configs = configs or sorted((REPO / "params").glob("*sd35m*.yaml"))
-    head = ("| config | GPUs | epoch (GRPO: M groups x G, N_b batches) | peak GiB per GPU, no ckpt / ckpt "
-            "[measured + config + shapes] | " + " | ".join(f"{m} GiB: fits? largest B (no ckpt / ckpt)" for m in mems)
-            + " |")
+    """The README's generated block: the calibration table, then every shipped SD3.5-M config (and the Show-o2
+    head-only example) on 1, 4, 8 GPUs of 24, 40, 80 GiB. GRPO configs keep ``groups_per_epoch`` = 48 (the
+    fork's epoch) for SD3.5-M, the params' own epoch for Show-o2."""
+    entries = [(c.name, c, {}, groups_per_epoch) for c in
+               (configs or sorted((REPO / "params").glob("*sd35m*.yaml")))]
+    if configs is None:
+        name, over = SHOWO2_EXAMPLE
+        label = f"{name} + " + " ".join(f"{k}={v}" for k, v in over.items())
+        entries.append((label, REPO / "params" / name, over, None))
+    head = ("| config | GPUs | epoch (M groups x G, N_b batches, B per GPU) | peak GiB per GPU, no ckpt / ckpt | "
+            + " | ".join(f"{m} GiB: fits? largest B, no ckpt / ckpt" for m in mems) + " |")
     lines = [head, "|" + "---|" * (4 + len(mems))]
-    for cfg in configs:
+    for label, cfg, over, m_epoch in entries:
         for g in gpus:
-            cells, peak_txt, epoch = [], "", ""
+            cells, peak_txt, epoch = [], "-", "-"
             for m in mems:
                 try:
-                    pl = plan(cfg, gpus=g, gpu_mem_gib=m, groups_per_epoch=None if "01_cold" in cfg.name
-                              else groups_per_epoch)
+                    pl = plan(cfg, gpus=g, gpu_mem_gib=m, overrides=over,
+                              groups_per_epoch=None if "01_cold" in cfg.name else m_epoch)
                 except ValueError as e:
-                    cells.append("no: weights alone exceed it" if "weights" in str(e) else f"no: {e}")
+                    cells.append("no: the weights alone exceed it" if "alone need" in str(e) else f"no: {e}")
                     continue
                 nc, ck = pl.peak_gib["no checkpointing"], pl.peak_gib["gradient checkpointing"]
                 peak_txt = f"{nc:.1f} / {ck:.1f}"
@@ -509,13 +543,20 @@ def readme_table(configs=None, gpus=(1, 4, 8), mems=(24, 40, 80), groups_per_epo
                     a = pl.arith
                     epoch = f"{a.groups_per_epoch} x {a.group_size}, N_b {a.batches_per_epoch}, B {a.batch_size}"
                 else:
-                    epoch = "(cold start: B per GPU from params)"
+                    epoch = f"cold start, B {pl.batch_size}"
                 f1 = "yes" if pl.fits["no checkpointing"] else ("ckpt only" if pl.fits["gradient checkpointing"]
                                                                 else "no")
                 cells.append(f"{f1}; {pl.largest_batch['no checkpointing'][1]} / "
                              f"{pl.largest_batch['gradient checkpointing'][1]}")
-            lines.append(f"| `{cfg.name}` | {g} | {epoch} | {peak_txt} | " + " | ".join(cells) + " |")
-    return calibration_table() + "\n\n" + "\n".join(lines)
+            lines.append(f"| `{label}` | {g} | {epoch} | {peak_txt} | " + " | ".join(cells) + " |")
+    legend = ("Peak = weights and optimizer state (counted from configs) + stored rollouts (shapes) + the larger of "
+              "training activations and the rollout batch (measured on CPU per block, extrapolated to the whole "
+              "model and the micro-batch's rows) + 1.5 GiB assumed CUDA overhead; \"fits\" leaves a 10 % margin. "
+              "\"largest B\" is the largest images-per-GPU batch that fits and keeps the epoch whole (GRPO trains on "
+              "the sampling batch, so B is also the training micro-batch; CFG makes it 2B transformer rows). "
+              "Measured: activations, rollout batch. Extrapolated: everything beyond 2 blocks and 2 rows. "
+              "Nothing was run on a GPU.")
+    return calibration_table() + "\n\n" + "\n".join(lines) + "\n\n" + legend
 
 
 def readme_section_current(readme: str | Path = REPO / "README.md") -> tuple[str, str]:

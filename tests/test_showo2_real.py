@@ -37,7 +37,11 @@ def mods():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, mods):
-    return make_tiny_showo2(tmp_path_factory.mktemp("showo2_real"), mods)
+    import shutil
+
+    root = tmp_path_factory.mktemp("showo2_real")
+    yield make_tiny_showo2(root, mods)
+    shutil.rmtree(root)   # ~0.9 GB (the 2048-wide head and the full-size VAE); pytest keeps 3 runs' temp dirs
 
 
 def _sp(tiny, **kw) -> ShowO2Params:

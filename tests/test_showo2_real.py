@@ -25,7 +25,15 @@ from grpo_lib.policies.showo2 import (ShowO2Params, ShowO2Policy, ShowO2Settings
 from grpo_lib.rollout import sample_images  # noqa: E402
 from grpo_lib.sde import convention_times, sde_step_with_logprob  # noqa: E402
 
-pytestmark = [pytest.mark.showo2_env, pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.showo2_env, pytest.mark.usefixtures("one_thread"),
+    # Show-o2's own code on a CPU: SigLIP loaded inside from_pretrained's meta-device init (its weights then come
+    # from the checkpoint), torch.load of the VAE without weights_only, the VAE's CUDA-only autocast
+    pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter:UserWarning"),
+    pytest.mark.filterwarnings("ignore:You are using `torch.load` with `weights_only=False`:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.cuda.amp.autocast:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:User provided device_type of 'cuda', but CUDA is not available:UserWarning"),
+]
 
 PROMPTS = ["a photo of two red circles", "three blue squares"]
 

@@ -771,6 +771,17 @@ def run(params: GRPOParams, **kwargs) -> list[dict]:
         trainer.close()
 
 
+def end_training(acc) -> None:
+    """``acc.end_training()`` on every accelerate this package supports: 1.x finishes the trackers and
+    destroys the process group; 0.23 (Show-o2's pin) has no ``trackers`` before ``init_trackers`` and
+    leaves the group alive."""
+    if not hasattr(acc, "trackers"):
+        acc.trackers = []
+    acc.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     from grpo_lib.params import load_params_with_set
 
@@ -791,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     acc.wait_for_everyone()
     del trainer
     gc.collect()
-    acc.end_training()
+    end_training(acc)
     return 0
 
 

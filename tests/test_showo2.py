@@ -2,7 +2,8 @@
 embedded world (params/02_counting_grpo__showo2_convention.yaml).
 
 The fake (tests/fake_showo2/show-o2/models) has Show-o2's module, class and function names and call
-signatures with tiny random networks; nothing here runs the real Show-o2 model.
+signatures with tiny random networks; it runs in the main venv, where Show-o2's own code does not import.
+tests/test_showo2_real.py runs the same adapter against Show-o2's real modeling code in Show-o2's env.
 """
 import math
 import sys
@@ -86,6 +87,17 @@ def test_missing_or_broken_installation_gives_instructive_errors(tmp_path, fake)
                                           r"checkout's requirements \(.*requirements.txt\)"):
         load_showo2_modules(broken)
     assert sys.path == path_before
+    # installed but too new (what Show-o2's modeling_utils.py hits beside diffusers >= 0.32): not "missing",
+    # but the versions Show-o2 pins and how to install them
+    too_new = tmp_path / "too_new" / "show-o2"
+    (too_new / "models").mkdir(parents=True)
+    (too_new / "models" / "__init__.py").write_text("from json import FLAX_WEIGHTS_NAME\n")
+    with pytest.raises(ImportError, match=r"cannot import name 'FLAX_WEIGHTS_NAME' from 'json'.*\. 'json' is "
+                                          r"installed but not at a version Show-o2's code works with; Show-o2 "
+                                          r"pins torch==2.5.1, transformers==4.47.0, diffusers==0.31.0.*"
+                                          r"pip install -c envs/showo2-constraints.txt -e '.\[showo2\]'") as err:
+        load_showo2_modules(too_new)
+    assert "is missing" not in str(err.value)
     assert not [n for n in sys.modules if n.startswith("_showo2_models_") and "broken" in str(
         getattr(sys.modules[n], "__file__", ""))]
     # checkpoint / tokenizer that cannot be loaded
@@ -102,6 +114,21 @@ def test_missing_or_broken_installation_gives_instructive_errors(tmp_path, fake)
         _sp(fake, trainable="lora")
     with pytest.raises(ValueError, match=r"resolution=100 must be a positive multiple of 16"):
         _sp(fake, resolution=100)
+
+
+def test_the_real_checkout_in_a_foreign_environment_says_which_environment_it_needs(monkeypatch):
+    """The issue's user: Show-o2's real code (the vendored snapshot) imported next to this venv's packages."""
+    from conftest import showo2_env_missing
+    from showo2_real import showo2_checkout
+
+    if showo2_env_missing() is None:
+        # in Show-o2's env the real code imports: tests/test_showo2_real.py covers it
+        assert load_showo2_modules(showo2_checkout()).Showo2Qwen2_5.__name__ == "Showo2Qwen2_5"
+        return
+    with pytest.raises(ImportError, match=r"importing Show-o2's models package from '.*show-o2' failed: .*"
+                                          r"use Show-o2's own environment, e.g. pip install -c "
+                                          r"envs/showo2-constraints.txt"):
+        load_showo2_modules(showo2_checkout())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,7 +148,7 @@ def test_head_only_selection_picks_exactly_the_diffusion_parameters(fake):
     assert [id(q) for q in policy.trainable_parameters()] == [id(named[n]) for n in expected]
     # the LLM, the time embedding and diff_proj stay frozen (names without 'diffusion')
     assert not named["showo.model.embed_tokens.weight"].requires_grad
-    assert not named["time_embed.mlp.0.weight"].requires_grad and not named["diff_proj.weight"].requires_grad
+    assert not named["time_embed.mlp.0.weight"].requires_grad and not named["diff_proj.0.weight"].requires_grad
     full = _policy(fake, trainable="all")
     assert full.trainable_names == list(dict(full.model.named_parameters()))
     with pytest.raises(ValueError, match=r"trainable='pattern:nothing_here' matches no parameter"):

@@ -147,7 +147,7 @@ sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from accelerate import Accelerator
 from train_fixtures import brightness_reward, small_params, tiny_policy
-from grpo_lib.train import GRPOTrainer
+from grpo_lib.train import GRPOTrainer, end_training
 acc = Accelerator(cpu=True)
 bs = 8 // acc.num_processes            # same global batch whatever the process count
 t = GRPOTrainer(small_params({run!r}, batch_size=bs, eval_prompts=""),
@@ -158,7 +158,7 @@ if acc.is_main_process:
     json.dump({{"loss": [h.get("loss") for h in hist], "approx_kl": [h.get("approx_kl") for h in hist],
                "params": flat[:64].tolist()}}, open({out!r}, "w"))
 import gc
-acc.wait_for_everyone(); del t; gc.collect(); acc.end_training()
+acc.wait_for_everyone(); del t; gc.collect(); end_training(acc)
 '''
 
 

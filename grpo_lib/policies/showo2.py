@@ -42,13 +42,19 @@ What is VERIFIED and what is ASSUMED (no Show-o2 weights can be downloaded here)
   names ``diffusion_head_a`` / ``diffusion_head_b``, and the write-up's sampling call (its
   ``showo2_pipeline_with_logprob``: ``t = 1 - timestep / 1000`` on diffusers' flow-match grid = our
   ``convention_times(N, shift, "noise_at_zero")``; CFG batch [cond; null], ``v_u + g (v_c - v_u)``).
-* Tested here only against a FAKE checkout with the same module / class / function names and call
-  signatures (tests/fake_showo2): lazy import from a given path, error messages, head-only
-  selection, the time / sign convention through ``sde_step_with_logprob``, one GRPO step through
-  ``GRPOTrainer`` with ``world='showo2'``.
+* Run against Show-o2's REAL modeling code (tests/test_showo2_real.py, in Show-o2's own environment,
+  ``make showo2-env``: torch 2.5.1, transformers 4.47.0, diffusers 0.31.0, accelerate 0.23.0), with the real
+  ``Showo2Qwen2_5`` built from tiny configs (2-layer Qwen2, small SigLIP, the real flow head, the real
+  WanVAE with random weights) and loaded through ``from_pretrained(path, use_safetensors=False)``: the
+  velocity equals Show-o2's own ``t2i_generate`` for its [cond; null] CFG batch; the attention mask is
+  ``omni_attn_mask_naive`` in the weights' dtype (Show-o2 hands it to SDPA as is, so a long mask fails and
+  no mask would be causal); bf16 frozen weights with a float32 head run under CPU autocast; decode is
+  ``WanVAE.batch_decode``; one GRPO epoch with ``world='showo2'`` changes only ``diffusion_head_a/b``; and
+  notebook 00's reversed-time check holds through the real velocity. The real code needed no change to
+  the calls below. A fake checkout with the same names (tests/fake_showo2) keeps the adapter tested in
+  the main venv, where Show-o2's code does not import.
 * Assumed, never run: the real 1.5B model loading (``from_pretrained`` also fetches the Qwen2.5 config
-  and SigLIP weights from the hub), bf16 numerics of the frozen part with a float32 head under
-  autocast, memory and speed on a GPU.
+  and SigLIP weights from the hub), the real weights' numerics, bf16 on a GPU, memory and speed on a GPU.
 
 Deliberate differences from the write-up's code: (1) its sampling loop iterates over
 ``scheduler.timesteps[1:-1]``, i.e. it starts the chain from pure noise at t = 1 - timesteps[1]/1000 > 0
@@ -90,6 +96,11 @@ WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 INSTALL_HINT = (f"clone {SHOWO2_REPO_URL} (git clone {SHOWO2_REPO_URL}) and point showo2_repo at its "
                 "'show-o2' folder (or at the clone itself); install that folder's requirements.txt on the "
                 "GPU node (transformers, einops, timm, ...)")
+# show-o2/build_env.sh; envs/showo2-constraints.txt holds them (+ torchvision, peft) for `make showo2-env`
+SHOWO2_PINS = ("torch==2.5.1", "transformers==4.47.0", "diffusers==0.31.0", "accelerate==0.23.0", "timm==1.0.12",
+               "einops==0.8.0")
+SHOWO2_ENV_HINT = ("use Show-o2's own environment, e.g. pip install -c envs/showo2-constraints.txt -e '.[showo2]' "
+                   "from grpo_lib's checkout (make showo2-env builds it as .venv-showo2)")
 VAE_HINT = ("download Wan2.1_VAE.pth (shipped with the Wan-AI/Wan2.1-T2V-1.3B hub repository) and set "
             "showo2_vae_path to the file")
 
@@ -222,11 +233,15 @@ def load_showo2_modules(repo: str | Path) -> ShowO2Modules:
         except ImportError as e:
             for name in [n for n in sys.modules if n == alias or n.startswith(alias + ".")]:
                 del sys.modules[name]
-            missing = getattr(e, "name", None)
-            raise ImportError(f"importing Show-o2's models package from {str(root)!r} failed: {e}. "
-                              + (f"The module {missing!r} is missing: " if missing else "")
-                              + f"install the checkout's requirements ({root / 'requirements.txt'}) in this "
-                              f"environment; {INSTALL_HINT}") from e
+            module = getattr(e, "name", None)
+            if isinstance(e, ModuleNotFoundError):
+                what = (f"The module {module!r} is missing: install the checkout's requirements "
+                        f"({root / 'requirements.txt'}) in this environment or {SHOWO2_ENV_HINT}; ")
+            else:   # the module is there but lacks a name: a version Show-o2's code does not work with
+                what = (f"{module!r} is installed but not at a version Show-o2's code works with; "
+                        f"Show-o2 pins {', '.join(SHOWO2_PINS)}: {SHOWO2_ENV_HINT}; ")
+            raise ImportError(f"importing Show-o2's models package from {str(root)!r} failed: {e}. {what}"
+                              f"{INSTALL_HINT}") from e
         finally:
             if entry in sys.path:
                 sys.path.remove(entry)

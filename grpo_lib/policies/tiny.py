@@ -384,6 +384,9 @@ class TinyPolicy(nn.Module):
             raise ValueError("merge_lora: no LoRA is attached to merge")
         self.unet.fuse_lora(adapter_names=[ADAPTER_NAME])
         self.unet.unload_lora()        # replaces the peft layers by their (now merged) base layers
+        # diffusers < 0.32 (Show-o2's pinned 0.31) deletes peft_config but leaves this flag set, so the
+        # next add_adapter looks the adapter up in the deleted dict; newer diffusers resets it itself
+        self.unet._hf_peft_config_loaded = None
         self.lora_config = None
         self.requires_grad_(True)
         if new_adapter:

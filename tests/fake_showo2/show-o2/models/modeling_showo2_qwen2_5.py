@@ -1,7 +1,7 @@
 """Fake of show-o2/models/modeling_showo2_qwen2_5.py: a tiny model with Show-o2's parameter names and forward.
 
 Parameter names mirror the real model's top level: ``showo`` (the LLM: ``showo.model.embed_tokens``,
-``showo.model.layers.*``, ``showo.lm_head``), ``image_embedder_gen``, ``time_embed``, ``diff_proj`` (not trained by
+``showo.model.layers.*``, ``showo.lm_head``), ``image_embedder_gen``, ``time_embed``, ``diff_proj.0/2`` (not trained by
 ``pattern:diffusion``), and the flow head ``diffusion_head_a`` (blocks) + ``diffusion_head_b`` (final layer).
 """
 import json
@@ -37,7 +37,8 @@ class _Block(nn.Module):
         if shift is not None:
             x = x * (1 + scale[:, None]) + shift[:, None]
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+        # the mask goes to SDPA as given, as in Show-o2 (qwen2.py, modules.py): its dtype must be the query's
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         h = h + self.out(a.transpose(1, 2).reshape(B, L, D))
         return h + self.mlp(self.ln2(h))
 
@@ -111,7 +112,7 @@ class Showo2Qwen2_5(nn.Module):
         self.showo = _LLM(llm_vocab_size, d, num_llm_layers)
         self.image_embedder_gen = nn.Conv2d(image_latent_dim, d, patch_size, stride=patch_size)
         self.time_embed = _TimestepEmbedder(d)
-        self.diff_proj = nn.Linear(d, d)
+        self.diff_proj = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))   # Show-o2's shape and names
         self.diffusion_head_a = nn.ModuleList(_HeadBlock(d) for _ in range(num_diffusion_layers))
         self.diffusion_head_b = _FinalLayer(d, patch_size, image_latent_dim)
 

@@ -88,6 +88,14 @@ class GRPOParams:
     adv_clip_max: float = 5.0                              # advantage clip
     global_std: bool = True                                # advantage std over the whole batch
     ratio_norm: bool = False                               # GRPO-Guard RatioNorm
+    objective: str = "grpo"                                # grpo | nft (DiffusionNFT) | awm (Advantage Weighted Matching)
+    train_timesteps: int = 4                               # nft / awm: noise levels per sample per epoch (rollout grid)
+    nft_beta: float = 1.0                                  # nft: beta of v+- (1/beta = guidance strength)
+    anchor_rate: float = 0.001                             # nft / awm anchor: eta_k = min(rate * k, anchor_max_decay)
+    anchor_max_decay: float = 0.5                          # nft (old policy): 0.5; awm (KL-EMA): 0.3
+    anchor_beta: float = 0.0                               # awm: KL weight to the anchor (upstream ema_beta 1.0)
+    awm_weighting: str = "ghuber"                          # awm: ghuber (upstream, p = awm_p) | uniform
+    awm_p: float = 0.25                                    # awm: ghuber exponent p
     max_grad_norm: float = 1.0                             # gradient clipping
     ema_decay: float = 0.0                                 # EMA of trainable weights for eval (0 = off)
     mixed_precision: str = "no"                            # no | fp16 | bf16 (fp32 on CPU)
@@ -130,8 +138,23 @@ class GRPOParams:
                              f"updates_per_epoch={self.updates_per_epoch}; each update must see whole batches")
         if self.noise_level < 0:
             raise ValueError(f"noise_level={self.noise_level} must be >= 0")
-        if self.noise_level == 0:
-            raise ValueError("noise_level=0 makes every step deterministic: GRPO needs stochastic steps")
+        from grpo_lib.objectives import AWM_WEIGHTINGS, OBJECTIVES
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r} is not one of {OBJECTIVES}")
+        if self.awm_weighting not in AWM_WEIGHTINGS:
+            raise ValueError(f"awm_weighting={self.awm_weighting!r} is not one of {AWM_WEIGHTINGS}")
+        if self.objective == "grpo" and self.noise_level == 0:
+            raise ValueError("noise_level=0 makes every step deterministic: GRPO needs stochastic steps "
+                             "(objective nft / awm train on ODE rollouts)")
+        if not 1 <= self.train_timesteps <= self.num_steps:
+            raise ValueError(f"train_timesteps={self.train_timesteps} must be in [1, num_steps={self.num_steps}]")
+        if self.nft_beta <= 0:
+            raise ValueError(f"nft_beta={self.nft_beta} must be > 0 (paper: 1.0 or 0.1)")
+        if not 0 <= self.anchor_max_decay < 1 or self.anchor_rate < 0 or self.anchor_beta < 0:
+            raise ValueError(f"anchor_rate={self.anchor_rate} must be >= 0, anchor_max_decay="
+                             f"{self.anchor_max_decay} in [0, 1) and anchor_beta={self.anchor_beta} >= 0")
+        if not 0 < self.awm_p <= 1:
+            raise ValueError(f"awm_p={self.awm_p} must be in (0, 1]")
         if self.clip_range <= 0:
             raise ValueError(f"clip_range={self.clip_range} must be > 0")
         if self.dynamic_max_rounds < 1:
@@ -262,6 +285,11 @@ class GRPOTrainer:
             FrozenReference(self.params_list).swapped_in
         self.opt = torch.optim.AdamW(self.params_list, lr=params.lr, weight_decay=params.weight_decay)
         self.ema = grpo.EMA(self.params_list, decay=params.ema_decay) if params.ema_decay > 0 else None
+        # the slowly moving copy: NFT samples with it and anchors v+-; AWM's optional trust region
+        from grpo_lib.objectives import SoftAnchor
+        wants_anchor = params.objective == "nft" or (params.objective == "awm" and params.anchor_beta > 0)
+        self.anchor = SoftAnchor(self.params_list, rate=params.anchor_rate,
+                                 max_decay=params.anchor_max_decay) if wants_anchor else None
         self.sampler = grpo.GroupSampler(
             len(self.train_rows), group_size=params.group_size, batch_size=params.batch_size,
             num_processes=self.acc.num_processes, rank=self.acc.process_index,
@@ -276,8 +304,6 @@ class GRPOTrainer:
         # what a method costs, compared at equal budgets: images scored on training rollouts (all processes),
         # images scored by held-out evaluations, wall seconds of training epochs (evaluation excluded)
         self.budget = {"reward_calls": 0, "eval_reward_calls": 0, "seconds_total": 0.0}
-        self.times = _times(params.num_steps, params.shift, self.policy.convention)
-        self.eval_times = _times(params.eval_num_steps, params.shift, self.policy.convention)
         self.epoch = 0
         self.history: list[dict] = []
         self.best: dict | None = None
@@ -292,6 +318,7 @@ class GRPOTrainer:
                 "trainable": [p.detach().cpu().clone() for p in self.params_list],
                 "optimizer": self.opt.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None,
+                "anchor": self.anchor.state_dict() if self.anchor else None,
                 "history": self.history, "best": self.best, "guard_reference": self.guard_reference,
                 "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
                 "budget": dict(self.budget),
@@ -324,6 +351,8 @@ class GRPOTrainer:
         self.opt.load_state_dict(state["optimizer"])
         if self.ema and state["ema"]:
             self.ema.load_state_dict(state["ema"])
+        if self.anchor and state.get("anchor"):
+            self.anchor.load_state_dict(state["anchor"])
         self.epoch, self.history = state["epoch"], state["history"]
         self.best, self.guard_reference = state["best"], state["guard_reference"]
         torch.set_rng_state(state["torch_rng"])
@@ -423,10 +452,23 @@ class GRPOTrainer:
         return self.acc.gather(t.to(self.acc.device)).cpu() if self.acc.num_processes > 1 else t
 
     def rollout_batch(self, epoch: int, batch_index: int, rows: list[dict], global_index: torch.Tensor):
-        """One sampling batch's trajectories (noise keyed on each sample's global index)."""
-        from grpo_lib.rollout import sample_trajectories, sde_window
+        """One sampling batch's trajectories (noise keyed on each sample's global index).
+
+        GRPO stores the SDE steps with their log-probs; NFT and AWM keep only the ODE's clean samples,
+        NFT sampling with its anchor (the old policy), AWM with the current weights."""
+        from grpo_lib.objectives import CleanSamples
+        from grpo_lib.rollout import sample_images, sample_trajectories, sde_window
 
         p = self.p
+        if p.objective != "grpo":
+            import contextlib
+            ctx = self.anchor.swapped_in() if p.objective == "nft" else contextlib.nullcontext()
+            with torch.no_grad(), ctx, self.acc.autocast():
+                cond = self.policy.encode([r["prompt"] for r in rows])
+                x0, images = sample_images(self.policy, cond=cond, num_steps=p.num_steps, shift=p.shift,
+                                           guidance_scale=p.guidance_scale,
+                                           generator=self._generators(epoch, global_index, "rollout"))
+            return CleanSamples(x0.float(), cond, images)
         window = None
         if p.sde_window_size > 0:   # one window per global batch (all processes agree)
             g = torch.Generator().manual_seed(sample_seed(p.seed, epoch, batch_index, "window"))
@@ -536,54 +578,29 @@ class GRPOTrainer:
         return self.curriculum.log_row()
 
     def train_epoch(self, epoch: int, batches: list[EpochBatch], advs, keeps, kept_per_batch) -> dict:
-        """The clipped policy-gradient update over the selected timesteps (plus beta x KL)."""
-        from grpo_lib.grpo import grpo_loss, select_timesteps
-        from grpo_lib.rollout import recompute_log_prob
-        from grpo_lib.sde import step_kl
-
+        """The update: per batch, one backward pass per trained timestep (``objective_passes``) of the
+        objective's loss (``objective_step``); an optimizer step every ``len(batches) / updates_per_epoch``
+        batches, with gradients averaged over processes."""
         p = self.p
         per_update = len(batches) // p.updates_per_epoch
         logs: list[dict] = []
         grad_norms, skipped = [], 0
         self.opt.zero_grad(set_to_none=True)
         for j, (b, adv, keep) in enumerate(self._bar(list(zip(batches, advs, keeps)), desc=f"epoch {epoch} training")):
-            traj = b.traj
-            T_stored = traj.log_probs.shape[1]
-            # per-sample timestep columns (B, T_train). A window run stores only its window's steps, and
-            # the window never holds the sharp last step (rollout.sde_window), so all stored columns train.
-            if traj.window is not None:
-                cols = select_timesteps("all", T_stored, len(b.rows), exclude_last=False)
-            else:
-                cols = torch.cat([select_timesteps(p.timestep_strategy, T_stored, 1, generator=g)
-                                  for g in self._generators(epoch, b.global_index, "timesteps")])  # (B, T)
             k_local = int(keep.sum())
             k_global = float(kept_per_batch[j])
             if k_local > 0:
                 sel = keep.nonzero().squeeze(1)
-                sub = traj[sel]
+                sub = b.traj[sel]
                 A = adv[sel].to(self.acc.device)
+                passes = self.objective_passes(epoch, b, sel)
                 # mean over the global batch's kept samples: sum_local / (K_global / P)
-                scale = k_local * self.acc.num_processes / k_global / cols.shape[1] / per_update
-                for c in range(cols.shape[1]):
-                    col = cols[sel, c].to(self.acc.device)
-                    ref = None
-                    if p.beta > 0:   # reference first: a weight swap must not touch a graph in use
-                        with torch.no_grad(), self.reference(), self.acc.autocast():
-                            ref = recompute_log_prob(self.policy, sub, col)
-                    with self.acc.autocast():
-                        new = recompute_log_prob(self.policy, sub, col)
-                    old_lp = sub.log_probs[torch.arange(len(sel)), col]
-                    kl = None if ref is None else step_kl(new.mean, ref.mean, new.std, new.dt,
-                                                          convention=p.kl_convention)
-                    extra = {}
-                    if p.ratio_norm:
-                        extra = dict(mean=new.mean, old_mean=sub.means[torch.arange(len(sel)), col],
-                                     step_std=new.std, dt=new.dt)
-                    loss, stats = grpo_loss(new.log_prob, old_lp, A, clip_range=p.clip_range,
-                                            beta=p.beta, kl=kl, ratio_norm=p.ratio_norm, **extra)
+                scale = k_local * self.acc.num_processes / k_global / len(passes) / per_update
+                for c, spec in enumerate(passes):
+                    loss, stats = self.objective_step(sub, A, spec)
                     if not torch.isfinite(loss):
                         skipped += 1
-                        self._log_event(f"epoch {epoch} batch {j} step col {c}: non-finite loss, skipped")
+                        self._log_event(f"epoch {epoch} batch {j} pass {c}: non-finite loss, skipped")
                         continue
                     self.acc.backward(loss * scale)
                     logs.append((k_local, {k: float(v) for k, v in stats.items()}))
@@ -596,6 +613,8 @@ class GRPOTrainer:
                     self.opt.step()
                     if self.ema:
                         self.ema.step()
+                    if self.anchor:
+                        self.anchor.step()
                 else:
                     skipped += 1
                     self._log_event(f"epoch {epoch} update {j // per_update}: non-finite gradient, step skipped")
@@ -604,6 +623,46 @@ class GRPOTrainer:
         out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
         out["skipped_steps"] = skipped
         return out
+
+    def objective_passes(self, epoch: int, b: EpochBatch, sel: torch.Tensor) -> list:
+        """What each backward pass of a batch's kept samples ``sel`` trains on.
+
+        GRPO: one stored SDE step per sample per pass (``timestep_strategy``: ``first_50`` = the noisiest
+        half); a window run trains every stored (window) step. NFT / AWM: ``train_timesteps`` noise levels
+        per sample from the rollout grid, each with fresh noise eps; all keyed on the sample's global index.
+        """
+        from grpo_lib.grpo import select_timesteps
+        from grpo_lib.objectives import draw_noise_levels
+
+        p, dev = self.p, self.acc.device
+        gens = self._generators(epoch, b.global_index[sel.cpu()], "timesteps")
+        if p.objective == "grpo":
+            traj = b.traj
+            T_stored = traj.log_probs.shape[1]
+            if traj.window is not None:   # the window never holds the sharp last step (rollout.sde_window)
+                cols = select_timesteps("all", T_stored, len(sel), exclude_last=False)
+            else:
+                cols = torch.cat([select_timesteps(p.timestep_strategy, T_stored, 1, generator=g) for g in gens])
+            return [cols[:, c].to(dev) for c in range(cols.shape[1])]                  # each (K,)
+        t = torch.stack([draw_noise_levels(p.num_steps, p.shift, p.train_timesteps, g) for g in gens])  # (K, T)
+        shape = tuple(b.traj.final_latents.shape[1:])
+        passes = []
+        for c in range(p.train_timesteps):
+            eps = torch.stack([torch.randn(shape, generator=g) for g in
+                               self._generators(epoch, b.global_index[sel.cpu()], f"eps{c}")])
+            passes.append((t[:, c].to(dev), eps.to(dev)))
+        return passes
+
+    def objective_step(self, sub, adv: torch.Tensor, spec) -> tuple[torch.Tensor, dict]:
+        """The loss of one backward pass (``grpo_lib.objectives``)."""
+        from grpo_lib import objectives
+
+        p = self.p
+        if p.objective == "grpo":
+            return objectives.grpo_step(self.policy, self.reference, sub, spec, adv, p, self.acc.autocast)
+        t, eps = spec
+        step = objectives.nft_step if p.objective == "nft" else objectives.awm_step
+        return step(self.policy, self.reference, self.anchor, sub, adv, t, eps, p, self.acc.autocast)
 
     def _weighted_mean_over_processes(self, logs: list[tuple[int, dict]]) -> dict:
         """Per-step stats averaged over every process's kept samples (so 2 processes log exactly what
@@ -821,11 +880,6 @@ def spread_subset(rows: list[dict], n: int) -> list[dict]:
     if n <= 0 or n >= len(rows):
         return list(rows)
     return [rows[i] for i in np.linspace(0, len(rows) - 1, n).round().astype(int)]
-
-
-def _times(num_steps: int, shift: float, convention: str) -> torch.Tensor:
-    from grpo_lib.sde import convention_times
-    return convention_times(num_steps, shift, convention)
 
 
 # ---------------------------------------------------------------------------------------------

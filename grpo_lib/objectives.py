@@ -1,0 +1,274 @@
+r"""Likelihood-free RL objectives for flow policies: DiffusionNFT and Advantage Weighted Matching.
+
+Flow-GRPO (``grpo_lib.grpo``) scores the SDE's Gaussian step and pushes its log-ratio. Its successors
+drop the step likelihood and weight the *pretraining* flow-matching loss on clean samples x0 by how good
+each sample was (``shared/reference/likelihood_free_objectives.md``). Both need only the rollout's clean
+samples (ODE rollouts are fine), never stored log-probs:
+
+    x_t = (1 - t) x0 + t eps,   v* = eps - x0,   t ~ the rollout grid,  eps ~ N(0, I) fresh per (sample, t)
+
+All math here runs in the SD3 convention (``noise_at_one``, t = noise level); :func:`policy_velocity`
+maps a policy of the other convention onto it (s = 1 - t, v -> -v), so every policy trains through the
+same losses.
+
+| code            | symbol                                                                    |
+|-----------------|---------------------------------------------------------------------------|
+| ``x0``          | x0, a rollout's clean sample (B, C, H, W)                                  |
+| ``t``           | t in (0, 1], noise level per sample (B,)                                  |
+| ``v``           | v_theta(x_t, t, c), the trained policy's velocity (with grad)             |
+| ``v_old``       | v_old, the anchor policy (NFT's sampling policy / AWM's KL-EMA), no grad  |
+| ``v_ref``       | v_ref, the reference policy (LoRA off = cold start), no grad              |
+| ``adv``         | A_i = (R_i - mean_group R) / (std + 1e-4), clipped to +-A_max             |
+
+One more object: :class:`SoftAnchor`, the slowly moving copy of the trainable weights both methods keep
+(theta_old <- eta theta_old + (1 - eta) theta after each update).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from .grpo import EMA
+from .policies.base import Cond, check_convention
+
+OBJECTIVES = ("grpo", "nft", "awm")
+AWM_WEIGHTINGS = ("uniform", "ghuber")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a likelihood-free update needs from a rollout: the clean samples
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CleanSamples:
+    """B rollout samples reduced to what NFT / AWM train on: x0, the conditioning and the images."""
+
+    final_latents: torch.Tensor        # (B, C, H, W) float32, x0 = the sampler's output
+    cond: Cond                         # conditioning of the B samples
+    images: np.ndarray | None          # uint8 (B, H, W, 3), for the reward
+
+    def __len__(self) -> int:
+        return self.final_latents.shape[0]
+
+    def __getitem__(self, idx) -> "CleanSamples":
+        np_idx = idx.cpu().numpy() if isinstance(idx, torch.Tensor) else idx
+        return replace(self, final_latents=self.final_latents[idx], cond=self.cond[idx],
+                       images=None if self.images is None else self.images[np_idx])
+
+
+def policy_velocity(policy, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    """v_theta(x_t, t | c) in the SD3 convention (t = noise level), whatever the policy's own convention.
+
+    ``noise_at_zero`` policies (Show-o2) run at s = 1 - t and return dx/ds = -(eps - x0): the sign flips back.
+    """
+    convention = check_convention(policy.convention)
+    if convention == "noise_at_one":
+        return policy.velocity(x_t, t, cond, 1.0).float()
+    return -policy.velocity(x_t, 1.0 - t, cond, 1.0).float()
+
+
+def noisy_sample(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, v*) = ((1 - t) x0 + t eps, eps - x0) for per-sample t (B,)."""
+    tb = t.reshape(-1, *([1] * (x0.ndim - 1)))
+    return (1.0 - tb) * x0 + tb * eps, eps - x0
+
+
+def _per_sample(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).mean(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# DiffusionNFT (arXiv 2509.16117, Thm 3.2 / Alg. 1; NVlabs/DiffusionNFT train_nft_sd3.py L930-970)
+# ---------------------------------------------------------------------------------------------
+def nft_optimality(adv: torch.Tensor, adv_clip_max: float) -> torch.Tensor:
+    """r = clamp(A / A_max / 2 + 1/2, 0, 1): the optimality probability of each sample (upstream code)."""
+    return (adv.clamp(-adv_clip_max, adv_clip_max) / adv_clip_max / 2 + 0.5).clamp(0.0, 1.0)
+
+
+def nft_loss(v: torch.Tensor, v_old: torch.Tensor, v_ref: torch.Tensor | None, x_t: torch.Tensor,
+             x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor, *, nft_beta: float, scale: float = 5.0,
+             kl_beta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    r"""L = scale mean_i [ r_i L+_i + (1 - r_i) L-_i ] / beta  +  kl_beta mean_i ||v - v_ref||^2
+
+        v+  = (1 - beta) v_old + beta v          (implicit positive policy)
+        v-  = (1 + beta) v_old - beta v          (implicit negative policy)
+        e+- = x_t - t v+- - x0                   (x0-space error; = t (v* - v+-))
+        L+- = mean(e+-^2) / sg(mean |e+-|)       (adaptive weighting, paper §3.3)
+
+    | code        | paper / upstream                                                  |
+    |-------------|-------------------------------------------------------------------|
+    | ``nft_beta``| beta (1.0 GenEval, 0.1 OCR); 1/beta = guidance strength          |
+    | ``r``       | r in [0, 1], :func:`nft_optimality`                               |
+    | ``scale``   | adv_clip_max (5) multiplying the loss upstream                    |
+    | ``kl_beta`` | config.train.beta (1e-4), velocity MSE to the LoRA-off reference  |
+
+    The optimum is v = v_old + (2 / beta) Delta (the reinforcement direction). At theta = theta_old the loss
+    *value* no longer depends on r (v+ = v-) but its gradient, 2 beta (2 r - 1) t^2 (v_old - v*) / ..., does:
+    never read the loss value as a learning signal. Returns (loss, stats).
+    """
+    tb = t.reshape(-1, *([1] * (x0.ndim - 1)))
+    v_pos = (1.0 - nft_beta) * v_old + nft_beta * v
+    v_neg = (1.0 + nft_beta) * v_old - nft_beta * v
+    e_pos, e_neg = x_t - tb * v_pos - x0, x_t - tb * v_neg - x0
+    l_pos = _per_sample(e_pos ** 2) / _per_sample(e_pos.abs()).detach().clamp_min(1e-8)       # (B,)
+    l_neg = _per_sample(e_neg ** 2) / _per_sample(e_neg.abs()).detach().clamp_min(1e-8)       # (B,)
+    policy_loss = scale * ((r * l_pos + (1.0 - r) * l_neg) / nft_beta).mean()
+    kl = _per_sample((v - v_ref) ** 2).mean() if v_ref is not None else v.new_zeros(())
+    loss = policy_loss + kl_beta * kl
+    return loss, {"policy_loss": policy_loss.detach(), "kl": kl.detach(),
+                  "old_deviation": _per_sample((v - v_old) ** 2).mean().detach(),
+                  "x0_norm": _per_sample(x0 ** 2).mean().sqrt().detach()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantage Weighted Matching (arXiv 2509.25050; scxue/advantage_weighted_matching train_sd3_awm.py)
+# ---------------------------------------------------------------------------------------------
+def awm_log_likelihood(fm: torch.Tensor, t: torch.Tensor, weighting: str = "ghuber",
+                       p: float = 0.25) -> torch.Tensor:
+    r"""The flow-matching surrogate of log pi(x0 | c) per sample:
+
+        uniform:  log p = -FM
+        ghuber:   log p = -(t / p) [ (FM + 1e-10)^p - (1e-10)^p ]     (upstream default, p = 0.25)
+
+    with FM = mean_{C,H,W} (v_theta - v*)^2, computed in float64 as upstream does.
+    """
+    if weighting not in AWM_WEIGHTINGS:
+        raise ValueError(f"awm_weighting={weighting!r} is not one of {AWM_WEIGHTINGS}")
+    fm = fm.double()
+    if weighting == "uniform":
+        return -fm
+    return -(t.double() / p) * ((fm + 1e-10) ** p - 1e-10 ** p)
+
+
+def awm_loss(v: torch.Tensor, v_ref: torch.Tensor | None, v_anchor: torch.Tensor | None, target: torch.Tensor,
+             t: torch.Tensor, adv: torch.Tensor, *, adv_clip_max: float = 5.0, weighting: str = "ghuber",
+             p: float = 0.25, kl_beta: float = 0.0, anchor_beta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    r"""L = -mean_i Â_i log p_theta(x0_i | c_i)  +  kl_beta mean ||v - v_ref||^2  +  anchor_beta mean ||v - v_anchor||^2
+
+        Â_i = clip(A_i, -A_max, A_max) / A_max  in [-1, 1]
+        log p_theta = :func:`awm_log_likelihood` (FM of the clean sample; the policy gradient's surrogate)
+
+    | code          | paper / upstream                                                  |
+    |---------------|-------------------------------------------------------------------|
+    | ``adv``       | A (group mean, global std), clamped to +-5 then times 1/5          |
+    | ``weighting`` | ``ghuber`` (default, p = 0.25) or ``uniform`` (w(t) = 1)            |
+    | ``kl_beta``   | beta, KL to the base (0.001 GenEval)                               |
+    | ``anchor_beta``| ema_beta (1.0), KL to the slowly moving "ema" adapter             |
+
+    On-policy (one update per rollout) the PPO ratio is exactly 1, so the clipped surrogate reduces to
+    -A log p, whose gradient is -A grad log p = A t FM^(p-1) grad FM (ghuber). Returns (loss, stats).
+    """
+    a_hat = adv.clamp(-adv_clip_max, adv_clip_max) / adv_clip_max                        # (B,)
+    fm = _per_sample((v - target) ** 2)                                                     # (B,)
+    logp = awm_log_likelihood(fm, t, weighting, p)                                          # (B,) float64
+    policy_loss = -(a_hat.double() * logp).mean().float()
+    kl = _per_sample((v - v_ref) ** 2).mean() if v_ref is not None else v.new_zeros(())
+    anchor = _per_sample((v - v_anchor) ** 2).mean() if v_anchor is not None else v.new_zeros(())
+    loss = policy_loss + kl_beta * kl + anchor_beta * anchor
+    return loss, {"policy_loss": policy_loss.detach(), "kl": kl.detach(), "anchor_kl": anchor.detach(),
+                  "fm_loss": fm.mean().detach()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The slowly moving copy both methods keep
+# ---------------------------------------------------------------------------------------------
+class SoftAnchor(EMA):
+    """theta_anchor <- eta_k theta_anchor + (1 - eta_k) theta after each optimizer step, eta_k = min(rate k, eta_max).
+
+    DiffusionNFT's ``old`` policy (``return_decay`` type 1: rate 0.001, max 0.5; it samples the rollouts and
+    defines v+ / v-) and AWM's "ema" adapter (rate 0.001, max 0.3; a trust region on the velocity). With
+    rate 0 it is a hard copy every step (on-policy). ``with anchor.swapped_in(): ...`` runs the anchor.
+    """
+
+    def __init__(self, parameters, *, rate: float, max_decay: float):
+        if not 0.0 <= max_decay < 1.0:
+            raise ValueError(f"anchor max decay={max_decay} must be in [0, 1)")
+        if rate < 0:
+            raise ValueError(f"anchor decay rate={rate} must be >= 0")
+        super().__init__(parameters, decay=max_decay, update_step_interval=1)
+        self.rate = float(rate)
+
+    def current_decay(self, step: int | None = None) -> float:
+        k = self.optimization_step if step is None else step
+        return min(self.rate * k, self.decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# One backward pass of each objective: the forwards it needs, then its loss
+# ---------------------------------------------------------------------------------------------
+def grpo_step(policy, reference, traj, columns: torch.Tensor, adv: torch.Tensor, p, autocast) -> tuple[torch.Tensor, dict]:
+    """Flow-GRPO on one stored SDE step per sample: re-score it (with grad), the reference's step mean
+    for beta x KL, then the clipped ratio loss (``grpo.grpo_loss``; RatioNorm with ``p.ratio_norm``).
+
+    ``reference()`` is a context in which the policy acts as the frozen reference; ``autocast()`` the
+    run's precision context. ``columns`` (B,) indexes the stored steps of ``traj``.
+    """
+    from .grpo import grpo_loss
+    from .rollout import recompute_log_prob
+    from .sde import step_kl
+
+    ref = None
+    if p.beta > 0:   # reference first: a weight swap must not touch a graph in use
+        with torch.no_grad(), reference(), autocast():
+            ref = recompute_log_prob(policy, traj, columns)
+    with autocast():
+        new = recompute_log_prob(policy, traj, columns)
+    rows = torch.arange(len(traj), device=columns.device)
+    kl = None if ref is None else step_kl(new.mean, ref.mean, new.std, new.dt, convention=p.kl_convention)
+    extra = {}
+    if p.ratio_norm:
+        extra = dict(mean=new.mean, old_mean=traj.means[rows, columns], step_std=new.std, dt=new.dt)
+    return grpo_loss(new.log_prob, traj.log_probs[rows, columns], adv, clip_range=p.clip_range,
+                     beta=p.beta, kl=kl, ratio_norm=p.ratio_norm, **extra)
+
+
+def _clean_forwards(policy, reference, anchor, samples: CleanSamples, t, eps, *, want_ref: bool,
+                    want_anchor: bool, autocast):
+    """x_t, v* and the three velocities (anchor and reference without grad, first; then theta with grad)."""
+    x0 = samples.final_latents
+    x_t, target = noisy_sample(x0, eps, t)
+    v_old = v_ref = None
+    with torch.no_grad():
+        if want_anchor:
+            with anchor.swapped_in(), autocast():
+                v_old = policy_velocity(policy, x_t, t, samples.cond)
+        if want_ref:
+            with reference(), autocast():
+                v_ref = policy_velocity(policy, x_t, t, samples.cond)
+    with autocast():
+        v = policy_velocity(policy, x_t, t, samples.cond)
+    return x0, x_t, target, v, v_old, v_ref
+
+
+def nft_step(policy, reference, anchor, samples: CleanSamples, adv, t, eps, p, autocast):
+    """DiffusionNFT on one noise level per sample: :func:`nft_loss` with v_old from the anchor (the
+    sampling policy) and the optional velocity KL (``p.beta``) to the reference."""
+    x0, x_t, _, v, v_old, v_ref = _clean_forwards(policy, reference, anchor, samples, t, eps,
+                                                  want_ref=p.beta > 0, want_anchor=True, autocast=autocast)
+    r = nft_optimality(adv, p.adv_clip_max)
+    loss, stats = nft_loss(v, v_old, v_ref, x_t, x0, t, r, nft_beta=p.nft_beta, scale=p.adv_clip_max,
+                           kl_beta=p.beta)
+    return loss, {"loss": loss.detach(), **stats}
+
+
+def awm_step(policy, reference, anchor, samples: CleanSamples, adv, t, eps, p, autocast):
+    """AWM on one noise level per sample: :func:`awm_loss` with the KL to the reference (``p.beta``)
+    and, with ``p.anchor_beta > 0``, to the slowly moving anchor."""
+    _, _, target, v, v_anchor, v_ref = _clean_forwards(
+        policy, reference, anchor, samples, t, eps, want_ref=p.beta > 0,
+        want_anchor=anchor is not None and p.anchor_beta > 0, autocast=autocast)
+    loss, stats = awm_loss(v, v_ref, v_anchor, target, t, adv, adv_clip_max=p.adv_clip_max,
+                           weighting=p.awm_weighting, p=p.awm_p, kl_beta=p.beta, anchor_beta=p.anchor_beta)
+    return loss, {"loss": loss.detach(), **stats}
+
+
+def draw_noise_levels(num_steps: int, shift: float, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` distinct noise levels t of the rollout's own grid (t_0 = 1 ... t_{N-1}; never the final
+    t = 0), drawn without replacement (NFT: a per-sample permutation of the rollout timesteps)."""
+    from .sde import convention_times
+
+    grid = convention_times(num_steps, shift, "noise_at_one")[:-1]                    # (N,)
+    if not 1 <= count <= len(grid):
+        raise ValueError(f"train_timesteps={count} must be in [1, num_steps={len(grid)}]")
+    return grid[torch.randperm(len(grid), generator=generator)[:count]]

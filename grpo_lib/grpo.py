@@ -17,6 +17,9 @@ fork MiaZhao7708/flow_grpo@feature/v01_sd_grpo; see ``shared/reference/flow_grpo
    | ``groups_per_epoch``| M, prompts (groups) per epoch (48 in the paper's recipe)   |
    | ``batches_per_epoch``| N_b (``sample.num_batches_per_epoch``)                    |
 
+   Dynamic sampling (DAPO) adds refill rounds of the same plan and :func:`select_spread_groups` (keep the
+   first M groups whose rewards differ); a curriculum passes per-row weights for a weighted draw.
+
 2. Group-relative advantages:  A_i = clip((r_i - mean_{g(i)} r) / (std + eps), -A_max, A_max).
 3. Clipped policy loss:  L = mean_i max(-A_i rho_i, -A_i clip(rho_i, 1-eps, 1+eps)) + beta mean_i KL_i,
    rho_i = exp(log p_theta(x_{t-1}|x_t) - log p_old(x_{t-1}|x_t)); optional GRPO-Guard RatioNorm.

@@ -4,14 +4,17 @@ Per epoch (flow_grpo_notes §1.4-1.9):
 
 1. **sample**: the :class:`~grpo_lib.grpo.GroupSampler` plans M groups x G copies over P processes;
    each process rolls out its batches with the SDE step (log-probs stored) — the reward of batch i
-   runs in a background thread while batch i+1 samples;
+   runs in a background thread while batch i+1 samples; ``dynamic_sampling`` adds refill rounds until
+   M groups have reward spread, ``curriculum: spread`` weights the prompt draw by per-count accuracy
+   (``grpo_lib.curriculum``);
 2. **score and gather**: rewards and group ids are gathered over processes; advantages are
    (r - group mean) / (global std + eps), zero-spread groups are dropped (``zero_std_ratio``);
 3. **train**: over the selected timesteps (``first_50`` = the noisiest half), recompute the step's
    log-prob with grad, PPO-clip it against the rollout's, add beta x step-KL to the reference
    (LoRA off = the cold-start model); gradients are averaged over processes by an explicit
    all-reduce at each update (no DDP wrapper, so any policy object works unchanged);
-4. **log / evaluate / checkpoint**: metrics per epoch to CSV and TensorBoard, ODE evaluation on
+4. **log / evaluate / checkpoint**: metrics per epoch to CSV and TensorBoard (with the cumulative budget:
+   ``reward_calls``, ``eval_reward_calls``, ``seconds_total``), ODE evaluation on
    held-out prompts with the quality guard, atomic checkpoints, ``resume: true`` continues exactly.
 
 Randomness is keyed on (seed, epoch, global sample index), not on a global RNG stream, so a run

@@ -310,3 +310,18 @@ def test_resume_with_each_sampler_reproduces_the_uninterrupted_run(tmp_path, sam
         assert a.filter(like="curriculum_w").iloc[-1].nunique() > 1
     # the resumed run's wall time continues the first part's
     assert b["seconds_total"].iloc[-1] == pytest.approx(b["seconds_total"].iloc[-2] + b["seconds_epoch"].iloc[-1])
+
+
+def test_resuming_a_run_without_curriculum_state_with_the_curriculum_is_an_error(tmp_path):
+    plain = GRPOTrainer(small_params(tmp_path / "r", eval_prompts=""), policy=tiny_policy(), reward_fn=odd_count_reward)
+    try:
+        path = plain.save_checkpoint()
+    finally:
+        plain.close()
+    t = GRPOTrainer(small_params(tmp_path / "r", eval_prompts="", curriculum="spread"), policy=tiny_policy(),
+                    reward_fn=odd_count_reward)
+    try:
+        with pytest.raises(ValueError, match=r"holds no curriculum state: .* with curriculum='spread'"):
+            t.load_checkpoint(path)
+    finally:
+        t.close()

@@ -7,8 +7,8 @@ each epoch's prompts in proportion to
 
     w(row) = floor + 1 - p_N^G - (1 - p_N)^G,          N = the count the row asks for
 
-    p_N <- acc_N                                         first epoch in which count N is rolled out
-    p_N <- (1 - ema) p_N + ema acc_N                     afterwards
+    p_N <- (1 - ema) p_N + ema acc_N                     each epoch in which count N is rolled out,
+                                                         starting from p_N = 1/2
 
 | code      | symbol  | meaning                                                                  |
 |-----------|---------|--------------------------------------------------------------------------|
@@ -20,7 +20,9 @@ each epoch's prompts in proportion to
 |           | G       | ``group_size``                                                           |
 
 A count never rolled out yet has p_N = 1/2 (``PRIOR``), so before any statistics every row weighs the
-same and the first epoch's draw is uniform in weight. The trainer observes each epoch's gathered
+same and the first epoch's draw is uniform in weight. The average starts from that prior rather than
+from the first observation: with M groups an epoch spread over ~10 counts a count's first acc_N often
+rests on one group, and one unlucky group must not push its weight down to the floor. The trainer observes each epoch's gathered
 rollouts (in the epochs' global sample order, so 1 and 2 processes compute the same floats) and hands
 :meth:`CountCurriculum.row_weights` to :class:`grpo_lib.grpo.GroupSampler`, which draws the next
 epoch's M prompts without replacement from a generator seeded by (seed, epoch): every rank draws the
@@ -101,7 +103,7 @@ class CountCurriculum:
         for n in np.unique(counts):
             a = float(correct[counts == n].mean())
             acc[int(n)] = a
-            self.p[int(n)] = a if int(n) not in self.p else (1 - self.ema) * self.p[int(n)] + self.ema * a
+            self.p[int(n)] = (1 - self.ema) * self.count_p(n) + self.ema * a
         return acc
 
     def log_row(self, prefix: str = "curriculum") -> dict[str, float]:

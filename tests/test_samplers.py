@@ -120,13 +120,18 @@ def test_curriculum_weights_follow_the_formula():
     assert c.row_weights().tolist() == pytest.approx([0.1 + 1 - 2 * 0.5 ** 4] * 6, abs=1e-15)
     acc = c.observe([1, 1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 0, 0, 0, 0, 0])
     assert acc == {1: 0.75, 2: 0.0}
-    w1 = 0.1 + 1 - 0.75 ** 4 - 0.25 ** 4
-    assert c.row_weights().tolist() == pytest.approx([w1, w1, 0.1, 0.975, 0.975, 0.975], abs=1e-15)
-    c.observe([1, 1], [0, 0])                                          # EMA: 0.5 * 0.75 + 0.5 * 0
-    assert c.p == {1: 0.375, 2: 0.0}
-    assert c.count_weight(1) == pytest.approx(0.1 + 1 - 0.375 ** 4 - 0.625 ** 4, abs=1e-15)
-    assert c.log_row() == pytest.approx({"curriculum_p1": 0.375, "curriculum_w1": c.count_weight(1),
-                                         "curriculum_p2": 0.0, "curriculum_w2": 0.1,
+    assert c.p == {1: 0.5 * 0.5 + 0.5 * 0.75, 2: 0.5 * 0.5}           # the EMA starts from the 1/2 prior
+    w1 = 0.1 + 1 - 0.625 ** 4 - 0.375 ** 4
+    w2 = 0.1 + 1 - 0.25 ** 4 - 0.75 ** 4
+    assert c.row_weights().tolist() == pytest.approx([w1, w1, w2, 0.975, 0.975, 0.975], abs=1e-15)
+    c.observe([1, 1, 2], [0, 0, 0])                                    # 0.5 * 0.625 + 0.5 * 0; 0.5 * 0.25
+    assert c.p == {1: 0.3125, 2: 0.125}
+    assert c.count_weight(1) == pytest.approx(0.1 + 1 - 0.3125 ** 4 - 0.6875 ** 4, abs=1e-15)
+    for _ in range(60):                                                # always wrong: the weight sinks to the floor
+        c.observe([2], [0])
+    assert c.count_weight(2) == pytest.approx(0.1, abs=1e-12)
+    assert c.log_row() == pytest.approx({"curriculum_p1": 0.3125, "curriculum_w1": c.count_weight(1),
+                                         "curriculum_p2": c.p[2], "curriculum_w2": c.count_weight(2),
                                          "curriculum_p3": 0.5, "curriculum_w3": 0.975})
     assert spread_probability([0.0, 1.0, 0.5], 8).tolist() == [0.0, 0.0, 1 - 2 / 256]
     d = CountCurriculum([1, 2, 3], group_size=4, floor=0.1, ema=0.5)
@@ -237,16 +242,16 @@ def test_curriculum_draws_the_next_epoch_with_the_live_weights(tmp_path):
                                                                   dtype=torch.float64))
         b0 = t.sample_epoch(0)
         _, _, stats = t.advantages(b0)
-        # p_N is the epoch's strict accuracy per count (first observation), and the log shows it
+        # p_N = 1/2 (prior) * 1/2 + 1/2 * the epoch's strict accuracy of count N, and the log shows it
         counts = np.array([row_count(r) for b in b0 for r in b.rows])
         strict = np.concatenate([b.rewards[1]["strict"] for b in b0])
         for n in np.unique(counts):
-            assert t.curriculum.p[int(n)] == pytest.approx(strict[counts == n].mean(), abs=1e-12)
+            assert t.curriculum.p[int(n)] == pytest.approx(0.25 + 0.5 * strict[counts == n].mean(), abs=1e-12)
             assert stats[f"curriculum_p{n}"] == t.curriculum.p[int(n)]
             pn = t.curriculum.p[int(n)]
             assert stats[f"curriculum_w{n}"] == pytest.approx(0.2 + 1 - pn ** G - (1 - pn) ** G, abs=1e-15)
-        even = [n for n in np.unique(counts) if n % 2 == 0]
-        assert even and all(stats[f"curriculum_w{n}"] == pytest.approx(0.2) for n in even)   # never right
+        even = [n for n in np.unique(counts) if n % 2 == 0]                 # never right: p = 1/4
+        assert even and all(stats[f"curriculum_p{n}"] == 0.25 for n in even)
         # epoch 1 is the sampler's weighted draw with exactly those per-row weights
         w = torch.tensor([stats.get(f"curriculum_w{row_count(r)}", 0.2 + 1 - 2 * 0.5 ** G) for r in t.train_rows],
                          dtype=torch.float64)

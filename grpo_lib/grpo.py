@@ -17,6 +17,9 @@ fork MiaZhao7708/flow_grpo@feature/v01_sd_grpo; see ``shared/reference/flow_grpo
    | ``groups_per_epoch``| M, prompts (groups) per epoch (48 in the paper's recipe)   |
    | ``batches_per_epoch``| N_b (``sample.num_batches_per_epoch``)                    |
 
+   Dynamic sampling (DAPO) adds refill rounds of the same plan and :func:`select_spread_groups` (keep the
+   first M groups whose rewards differ); a curriculum passes per-row weights for a weighted draw.
+
 2. Group-relative advantages:  A_i = clip((r_i - mean_{g(i)} r) / (std + eps), -A_max, A_max).
 3. Clipped policy loss:  L = mean_i max(-A_i rho_i, -A_i clip(rho_i, 1-eps, 1+eps)) + beta mean_i KL_i,
    rho_i = exp(log p_theta(x_{t-1}|x_t) - log p_old(x_{t-1}|x_t)); optional GRPO-Guard RatioNorm.
@@ -28,6 +31,7 @@ Everything here is device-agnostic (no ``.cuda()``); tensors come back on the de
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -38,7 +42,8 @@ import torch
 
 __all__ = [
     "BatchArithmetic", "check_batch_arithmetic", "batches_per_epoch_from_groups",
-    "gradient_accumulation_steps", "GroupSampler",
+    "gradient_accumulation_steps", "GroupSampler", "plan_seed", "weighted_permutation",
+    "group_spread", "select_spread_groups",
     "compute_advantages",
     "guard_log_ratio", "grpo_loss",
     "TIMESTEP_STRATEGY_FORMS", "select_timesteps",
@@ -181,8 +186,8 @@ def gradient_accumulation_steps(batches_per_epoch: int, updates_per_epoch: int =
 class GroupSampler:
     """Epoch plans of (prompt_index, group_id) pairs: M prompts x G copies, shuffled, split by rank.
 
-    For epoch e (generator seeded ``seed + e``, so every rank computes the same plan without
-    communication, as upstream's ``DistributedKRepeatSampler``):
+    For epoch e and sampling round k (generator seeded ``seed + e`` for round 0, so every rank computes
+    the same plan without communication, as upstream's ``DistributedKRepeatSampler``):
 
         prompts_e = first M of randperm(num_prompts)        (concatenated permutations if M > N)
         samples_e = shuffle(repeat(prompts_e, G))           # (M*G,)
@@ -191,19 +196,28 @@ class GroupSampler:
     | code              | meaning                                                             |
     |-------------------|---------------------------------------------------------------------|
     | ``prompt_index``  | row of the prompt dataset                                           |
-    | ``group_id``      | e * M + j for the j-th group of epoch e: unique across the run      |
+    | ``group_id``      | (e * R + k) * M + j for the j-th group of round k of epoch e: unique across the run |
     | ``rank``          | r, this process (``accelerator.process_index``)                     |
+    | ``rounds_per_epoch`` | R, most sampling rounds an epoch may take (dynamic sampling; 1 otherwise) |
+    | ``weights``       | w (num_prompts,) > 0: draw prompts with probability proportional to w |
 
     A group's G copies are spread over ranks and batches of one epoch, never across epochs (the
     new upstream sampler's fix). Every sample carries its group id, so the advantage step groups
     by id, not by decoding prompt tokens (upstream does the latter; fragile, and wrong when a
     prompt is drawn twice). When M > num_prompts a prompt can head two groups of one epoch; their
     ids differ, so they are two groups.
+
+    **Rounds** (DAPO's dynamic sampling): round k > 0 of epoch e is a fresh plan of the same shape from a
+    generator keyed on (seed, e, k); its group ids follow round k-1's, so a refill never reuses an id.
+    **Weights** (the count curriculum): the M prompts are a weighted draw without replacement
+    (Efraimidis & Spirakis 2006): with u_i ~ U(0, 1) from the plan's generator, the rows in decreasing
+    order of  key_i = log(u_i) / w_i,  so P(row i drawn first) = w_i / sum w. All ranks pass the same
+    weights and so draw the same plan; ``weights=None`` is the uniform ``randperm`` above, bit for bit.
     """
 
     def __init__(self, num_prompts: int, *, group_size: int, batch_size: int, num_processes: int = 1,
                  rank: int = 0, groups_per_epoch: int | None = None,
-                 batches_per_epoch: int | None = None, seed: int = 0):
+                 batches_per_epoch: int | None = None, seed: int = 0, rounds_per_epoch: int = 1):
         self.num_prompts = _positive_int("num_prompts", num_prompts)
         self.arith = check_batch_arithmetic(num_processes, batch_size, group_size,
                                             groups_per_epoch=groups_per_epoch,
@@ -211,41 +225,115 @@ class GroupSampler:
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < num_processes:
             raise ValueError(f"rank={rank!r} must be an integer in [0, num_processes={num_processes})")
         self.rank, self.seed = int(rank), int(seed)
+        self.rounds_per_epoch = _positive_int("rounds_per_epoch", rounds_per_epoch)
 
     def __len__(self) -> int:
         return self.arith.batches_per_epoch
 
-    def group_prompts(self, epoch: int) -> torch.Tensor:
-        """LongTensor (M,): prompt index of group j of ``epoch`` (group id = epoch * M + j)."""
-        return self._plan(epoch)[0]
+    def group_id_base(self, epoch: int, round_index: int = 0) -> int:
+        """Id of group 0 of round ``round_index`` of ``epoch``: (e * R + k) * M."""
+        return (int(epoch) * self.rounds_per_epoch + int(round_index)) * self.arith.groups_per_epoch
 
-    def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_index, group_id), each LongTensor (N_b, P, B): the whole epoch, all ranks."""
+    def group_prompts(self, epoch: int, round_index: int = 0, weights=None) -> torch.Tensor:
+        """LongTensor (M,): prompt index of group j (group id = group_id_base(epoch, round_index) + j)."""
+        return self._plan(epoch, round_index, weights)[0]
+
+    def epoch_plan(self, epoch: int, round_index: int = 0, weights=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_index, group_id), each LongTensor (N_b, P, B): one round of the epoch, all ranks."""
         a = self.arith
-        groups, order = self._plan(epoch)
+        groups, order = self._plan(epoch, round_index, weights)
         j = torch.arange(a.groups_per_epoch).repeat_interleave(a.group_size)[order]  # (M*G,) group slot
         shape = (a.batches_per_epoch, a.num_processes, a.batch_size)
-        return groups[j].view(shape), (epoch * a.groups_per_epoch + j).view(shape)
+        return groups[j].view(shape), (self.group_id_base(epoch, round_index) + j).view(shape)
 
-    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
-        """This rank's N_b batches of ``epoch``, each a list of B (prompt_index, group_id) pairs."""
-        prompts, gids = self.epoch_plan(epoch)
+    def epoch_batches(self, epoch: int, round_index: int = 0, weights=None) -> list[list[tuple[int, int]]]:
+        """This rank's N_b batches of one round of ``epoch``, each a list of B (prompt_index, group_id) pairs."""
+        prompts, gids = self.epoch_plan(epoch, round_index, weights)
         return [list(zip(prompts[i, self.rank].tolist(), gids[i, self.rank].tolist()))
                 for i in range(self.arith.batches_per_epoch)]
 
     def __call__(self, epoch: int) -> Iterator[list[tuple[int, int]]]:
         yield from self.epoch_batches(epoch)
 
-    def _plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _plan(self, epoch: int, round_index: int = 0, weights=None) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"epoch={epoch!r} must be a non-negative integer")
+        if isinstance(round_index, bool) or not isinstance(round_index, (int, np.integer)) \
+                or not 0 <= round_index < self.rounds_per_epoch:
+            raise ValueError(f"round_index={round_index!r} must be an integer in "
+                             f"[0, rounds_per_epoch={self.rounds_per_epoch})")
         a = self.arith
-        g = torch.Generator().manual_seed(self.seed + int(epoch))
+        g = torch.Generator().manual_seed(plan_seed(self.seed, int(epoch), int(round_index)))
         reps = math.ceil(a.groups_per_epoch / self.num_prompts)
-        perm = torch.cat([torch.randperm(self.num_prompts, generator=g) for _ in range(reps)])
+        if weights is None:
+            perm = torch.cat([torch.randperm(self.num_prompts, generator=g) for _ in range(reps)])
+        else:
+            w = self._check_weights(weights)
+            perm = torch.cat([weighted_permutation(w, g) for _ in range(reps)])
         groups = perm[: a.groups_per_epoch]                                # (M,)
         order = torch.randperm(a.samples_per_epoch, generator=g)           # (M*G,) global shuffle
         return groups, order
+
+    def _check_weights(self, weights) -> torch.Tensor:
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        if w.shape != (self.num_prompts,):
+            raise ValueError(f"weights shape {tuple(w.shape)} != (num_prompts,) = ({self.num_prompts},)")
+        if not (torch.isfinite(w).all() and (w > 0).all()):
+            raise ValueError(f"weights must be finite and > 0 (a zero weight would never be drawn); "
+                             f"min {float(w.min())}, max {float(w.max())}")
+        return w
+
+
+def plan_seed(seed: int, epoch: int, round_index: int = 0) -> int:
+    """Seed of the plan of (epoch, round): ``seed + epoch`` for round 0 (the plain sampler's, unchanged),
+    a hash of (seed, epoch, round) for refill rounds so that no two (epoch, round) share a stream."""
+    if round_index == 0:
+        return seed + epoch
+    h = hashlib.blake2b(f"plan/{seed}/{epoch}/{round_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def weighted_permutation(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """All rows in a weighted random order (Efraimidis & Spirakis 2006, A-ES in log form):
+
+        key_i = log(u_i) / w_i,   u_i ~ U(0, 1)         ->   argsort(key, descending)
+
+    Its first M entries are a weighted draw of M rows without replacement: P(i first) = w_i / sum_j w_j,
+    and each next row is drawn from the rest in proportion to its weight. ``weights`` (N,) float64 > 0.
+    """
+    u = torch.rand(weights.shape[0], generator=generator, dtype=torch.float64)          # (N,)
+    keys = u.clamp_min(torch.finfo(torch.float64).tiny).log() / weights
+    return torch.argsort(keys, descending=True, stable=True)
+
+
+def group_spread(rewards, group_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (K,) sorted, has_spread bool (K,)): which groups' rewards are not all equal (max != min).
+
+    A group without spread has all advantages zero, so it carries no gradient (DAPO's dynamic sampling
+    refills until enough groups have spread; :func:`compute_advantages` drops such groups)."""
+    r = torch.as_tensor(np.asarray(rewards.detach().cpu() if isinstance(rewards, torch.Tensor) else rewards),
+                        dtype=torch.float64)
+    gid = torch.as_tensor(np.asarray(group_ids.detach().cpu() if isinstance(group_ids, torch.Tensor) else group_ids))
+    if r.ndim != 1 or gid.shape != r.shape:
+        raise ValueError(f"rewards {tuple(r.shape)} and group_ids {tuple(gid.shape)} must both have shape (N,)")
+    ids, inv = torch.unique(gid, return_inverse=True)
+    K = ids.numel()
+    gmax = torch.full((K,), -math.inf, dtype=torch.float64).scatter_reduce_(0, inv, r, "amax")
+    gmin = torch.full((K,), math.inf, dtype=torch.float64).scatter_reduce_(0, inv, r, "amin")
+    return ids, gmax != gmin
+
+
+def select_spread_groups(rewards, group_ids, num_groups: int) -> tuple[torch.Tensor, int]:
+    """DAPO dynamic sampling's filter: the first ``num_groups`` groups (by id) whose rewards have spread.
+
+        kept = sorted({g : max_{i in g} r_i != min_{i in g} r_i})[:M]
+
+    Returns ``(kept ids (<= M,) sorted, number of spread groups found)``; fewer than M kept is a shortfall
+    (rounds ran out). Ids of later refill rounds are larger, so earlier rounds fill first."""
+    M = _positive_int("num_groups", num_groups)
+    ids, spread = group_spread(rewards, group_ids)
+    found = ids[spread]
+    return found[:M], int(found.numel())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,14 +4,17 @@ Per epoch (flow_grpo_notes §1.4-1.9):
 
 1. **sample**: the :class:`~grpo_lib.grpo.GroupSampler` plans M groups x G copies over P processes;
    each process rolls out its batches with the SDE step (log-probs stored) — the reward of batch i
-   runs in a background thread while batch i+1 samples;
+   runs in a background thread while batch i+1 samples; ``dynamic_sampling`` adds refill rounds until
+   M groups have reward spread, ``curriculum: spread`` weights the prompt draw by per-count accuracy
+   (``grpo_lib.curriculum``);
 2. **score and gather**: rewards and group ids are gathered over processes; advantages are
    (r - group mean) / (global std + eps), zero-spread groups are dropped (``zero_std_ratio``);
 3. **train**: over the selected timesteps (``first_50`` = the noisiest half), recompute the step's
    log-prob with grad, PPO-clip it against the rollout's, add beta x step-KL to the reference
    (LoRA off = the cold-start model); gradients are averaged over processes by an explicit
    all-reduce at each update (no DDP wrapper, so any policy object works unchanged);
-4. **log / evaluate / checkpoint**: metrics per epoch to CSV and TensorBoard, ODE evaluation on
+4. **log / evaluate / checkpoint**: metrics per epoch to CSV and TensorBoard (with the cumulative budget:
+   ``reward_calls``, ``eval_reward_calls``, ``seconds_total``), ODE evaluation on
    held-out prompts with the quality guard, atomic checkpoints, ``resume: true`` continues exactly.
 
 Randomness is keyed on (seed, epoch, global sample index), not on a global RNG stream, so a run
@@ -118,6 +121,11 @@ class GRPOParams:
     final_images_per_prompt: int = 4                       # final eval: images per held-out prompt
     final_max_prompts: int = 0                             # final eval: prompts per set (0 means all)
     progress: bool = True                                  # tqdm bars
+    dynamic_sampling: bool = False                         # DAPO: refill rounds until M groups have reward spread
+    dynamic_max_rounds: int = 3                            # most sampling rounds per epoch with dynamic_sampling
+    curriculum: str = "none"                               # none | spread (prompts weighted by P(group has spread))
+    curriculum_floor: float = 0.05                         # weight every row keeps under the curriculum (> 0)
+    curriculum_ema: float = 0.5                            # weight of the newest epoch in the per-count accuracy EMA
 
     def __post_init__(self):
         # paths may name the run's own directory, so one params file serves every run name:
@@ -165,6 +173,14 @@ class GRPOParams:
             raise ValueError(f"awm_p={self.awm_p} must be in (0, 1]")
         if self.clip_range <= 0:
             raise ValueError(f"clip_range={self.clip_range} must be > 0")
+        if self.dynamic_max_rounds < 1:
+            raise ValueError(f"dynamic_max_rounds={self.dynamic_max_rounds} must be >= 1")
+        if self.curriculum not in ("none", "spread"):
+            raise ValueError(f"curriculum={self.curriculum!r} is not one of ('none', 'spread')")
+        if not self.curriculum_floor > 0:
+            raise ValueError(f"curriculum_floor={self.curriculum_floor} must be > 0 (a zero weight starves a count)")
+        if not 0 < self.curriculum_ema <= 1:
+            raise ValueError(f"curriculum_ema={self.curriculum_ema} must be in (0, 1]")
         if self.sde_window_range:
             r = list(self.sde_window_range)
             if self.sde_window_size < 1:
@@ -184,6 +200,10 @@ def test_seed(seed: int) -> int:
     """Seed of the final test evaluation's noise: used by nothing else (training keys its noise on
     ``sample_seed`` streams, selection on :func:`selection_seed`)."""
     return seed + 7_000_003
+
+
+# info keys a reward may use for per-image strict (exact count) correctness
+STRICT_KEYS = ("strict", "correct", "count_correct")
 
 
 def selection_seed(seed: int) -> int:
@@ -270,8 +290,17 @@ class GRPOTrainer:
         self.sampler = grpo.GroupSampler(
             len(self.train_rows), group_size=params.group_size, batch_size=params.batch_size,
             num_processes=self.acc.num_processes, rank=self.acc.process_index,
-            batches_per_epoch=params.batches_per_epoch, seed=params.seed)
+            batches_per_epoch=params.batches_per_epoch, seed=params.seed,
+            rounds_per_epoch=params.dynamic_max_rounds if params.dynamic_sampling else 1)
         self.arith = self.sampler.arith
+        self.curriculum = None
+        if params.curriculum == "spread":
+            from grpo_lib.curriculum import CountCurriculum, row_count
+            self.curriculum = CountCurriculum([row_count(r) for r in self.train_rows], params.group_size,
+                                              floor=params.curriculum_floor, ema=params.curriculum_ema)
+        # what a method costs, compared at equal budgets: images scored on training rollouts (all processes),
+        # images scored by held-out evaluations, wall seconds of training epochs (evaluation excluded)
+        self.budget = {"reward_calls": 0, "eval_reward_calls": 0, "seconds_total": 0.0}
         self.epoch = 0
         self.history: list[dict] = []
         self.best: dict | None = None
@@ -290,7 +319,9 @@ class GRPOTrainer:
                 "ema": self.ema.state_dict() if self.ema else None,
                 "anchor": self.anchor.state_dict() if self.anchor else None,
                 "history": self.history, "best": self.best, "guard_reference": self.guard_reference,
-                "torch_rng": torch.get_rng_state(), "numpy_rng": checkpoints.numpy_rng_state()}
+                "torch_rng": torch.get_rng_state(), "numpy_rng": checkpoints.numpy_rng_state(),
+                "budget": dict(self.budget),
+                "curriculum": self.curriculum.state_dict() if self.curriculum else None}
 
     def save_checkpoint(self) -> Path | None:
         """Atomic checkpoint of everything ``resume`` needs; refuses non-finite weights."""
@@ -334,6 +365,13 @@ class GRPOTrainer:
         self.best, self.guard_reference = state["best"], state["guard_reference"]
         torch.set_rng_state(state["torch_rng"])
         checkpoints.set_numpy_rng_state(state["numpy_rng"])
+        self.budget.update(state.get("budget", {}))
+        if self.curriculum:
+            if not state.get("curriculum"):
+                raise ValueError(f"{path} holds no curriculum state: it was written by a run with curriculum "
+                                 f"'none', so resuming it with curriculum={self.p.curriculum!r} would start "
+                                 "the curriculum from scratch mid-run")
+            self.curriculum.load_state_dict(state["curriculum"])
 
     def weights_digest(self) -> str:
         """A short hash of the trainable weights (float32 bytes, in parameter order)."""
@@ -386,22 +424,54 @@ class GRPOTrainer:
                 for i in global_index]
 
     def sample_epoch(self, epoch: int) -> list[EpochBatch]:
-        """Roll out this process's batches of ``epoch``; rewards are computed in the background."""
+        """Roll out this process's batches of ``epoch``; rewards are computed in the background.
+
+        One *round* is the plan's N_b batches (M groups x G images over P processes). With
+        ``dynamic_sampling`` (DAPO) rounds repeat, each a fresh plan with fresh group ids and noise keyed on
+        (seed, epoch, round, global index), until the gathered rewards hold at least M groups with spread or
+        ``dynamic_max_rounds`` rounds ran; the list holds every round's batches in order and
+        :meth:`advantages` keeps the first M spread groups. With a curriculum, every round draws its prompts
+        with the curriculum's row weights of this epoch (the statistics up to the previous epoch).
+        """
+        from grpo_lib.grpo import group_spread
+
+        weights = self.curriculum.row_weights() if self.curriculum else None
+        batches, spread = [], 0
+        for k in range(self.sampler.rounds_per_epoch):
+            new = self._sample_round(epoch, k, weights)
+            batches += new
+            if not self.p.dynamic_sampling:
+                break
+            r = torch.cat([torch.as_tensor(b.rewards[0], dtype=torch.float32) for b in new])
+            g = torch.cat([b.group_ids for b in new])
+            spread += int(group_spread(self._gather(r), self._gather(g))[1].sum())
+            if spread >= self.arith.groups_per_epoch:
+                break
+        return batches
+
+    def _sample_round(self, epoch: int, round_index: int, weights) -> list[EpochBatch]:
+        """This process's N_b batches of one round, rewards resolved."""
         a = self.arith
-        prompts_plan, gid_plan = self.sampler.epoch_plan(epoch)                    # (N_b, P, B)
+        prompts_plan, gid_plan = self.sampler.epoch_plan(epoch, round_index, weights)   # (N_b, P, B)
         batches = []
         for i in self._bar(range(a.batches_per_epoch), desc=f"epoch {epoch} sampling"):
             idx = prompts_plan[i, self.acc.process_index]                           # (B,)
             gids = gid_plan[i, self.acc.process_index]                              # (B,)
-            # position in the epoch's global order: identical whatever the process split
-            gidx = (i * a.num_processes + self.acc.process_index) * a.batch_size + torch.arange(a.batch_size)
+            # position in the epoch's global order (a refill round's samples follow the previous round's):
+            # identical whatever the process split, so the noise keyed on it is too
+            gidx = round_index * a.samples_per_epoch + \
+                (i * a.num_processes + self.acc.process_index) * a.batch_size + torch.arange(a.batch_size)
             rows = [self.train_rows[j] for j in idx.tolist()]
-            traj = self.rollout_batch(epoch, i, rows, gidx)
+            traj = self.rollout_batch(epoch, round_index * a.batches_per_epoch + i, rows, gidx)
             fut = self._pool.submit(self.reward_fn, traj.images, [r["prompt"] for r in rows], rows)
             batches.append(EpochBatch(rows, gids, gidx, traj, fut))
         for b in batches:
             b.rewards = b.rewards.result()
         return batches
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate a per-process tensor over processes (rank order), on the CPU."""
+        return self.acc.gather(t.to(self.acc.device)).cpu() if self.acc.num_processes > 1 else t
 
     def rollout_batch(self, epoch: int, batch_index: int, rows: list[dict], global_index: torch.Tensor):
         """One sampling batch's trajectories (noise keyed on each sample's global index).
@@ -434,15 +504,24 @@ class GRPOTrainer:
                 store_means=p.ratio_norm)
 
     def advantages(self, batches: list[EpochBatch]) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
-        """Gather rewards and group ids over processes, compute advantages, split back per batch."""
+        """Gather rewards and group ids over processes, compute advantages, split back per batch.
+
+        Also counts the epoch's reward calls (every gathered reward is one scored image) and feeds the
+        curriculum this epoch's per-count strict accuracy. With dynamic sampling only the first M groups
+        with spread are kept (:meth:`_dynamic_advantages`)."""
         from grpo_lib.grpo import compute_advantages
 
+        p = self.p
         local_r = torch.cat([torch.as_tensor(b.rewards[0], dtype=torch.float32) for b in batches])
         local_g = torch.cat([b.group_ids for b in batches])
         all_r = self.acc.gather(local_r.to(self.acc.device)).cpu()
         all_g = self.acc.gather(local_g.to(self.acc.device)).cpu()
-        adv, keep, stats = compute_advantages(all_r, all_g, global_std=self.p.global_std,
-                                              adv_clip_max=self.p.adv_clip_max)
+        self.budget["reward_calls"] += all_r.numel()
+        if p.dynamic_sampling:
+            adv, keep, stats = self._dynamic_advantages(all_r, all_g, len(batches))
+        else:
+            adv, keep, stats = compute_advantages(all_r, all_g, global_std=p.global_std,
+                                                  adv_clip_max=p.adv_clip_max)
         # the local samples' slice of the gathered (P * N_local) vector
         n = local_r.numel()
         sl = slice(self.acc.process_index * n, (self.acc.process_index + 1) * n)
@@ -456,17 +535,69 @@ class GRPOTrainer:
             if key in infos[0]:
                 vals = torch.as_tensor(np.concatenate([np.asarray(inf[key], np.float32) for inf in infos]))
                 stats[f"rollout_{key}"] = float(self.acc.gather(vals.to(self.acc.device)).mean())
-        for key in ("strict", "correct", "count_correct"):
+        for key in STRICT_KEYS:
             if key in infos[0]:
                 vals = torch.as_tensor(np.concatenate([np.asarray(inf[key], np.float32) for inf in infos]))
                 stats["strict_accuracy"] = float(self.acc.gather(vals.to(self.acc.device)).mean())
                 break
+        if self.curriculum:
+            stats.update(self._observe_curriculum(batches, infos))
         # the number of kept samples of each global batch, known to every process
         all_keep = self.acc.gather(keep.to(self.acc.device).float()).cpu().view(self.acc.num_processes, -1)
         kept_per_batch = all_keep.view(self.acc.num_processes, len(batches), B).sum(dim=(0, 2))   # (N_b,)
+        if p.dynamic_sampling:
+            # train_epoch weighs batch j's kept samples by 1 / (kept_per_batch[j] * batches per update).
+            # K_u / (batches per update) for every batch of update u turns that into a plain mean over the
+            # update's K_u kept samples (DAPO's filled batch); per-batch means would let a refill batch that
+            # holds one kept sample weigh as much as a full one.
+            per_update = len(batches) // p.updates_per_epoch
+            K = kept_per_batch.view(p.updates_per_epoch, per_update).sum(dim=1)              # (U,)
+            kept_per_batch = (K / per_update).repeat_interleave(per_update)
         stats["kept_per_batch"] = kept_per_batch
         return [adv[j * B:(j + 1) * B] for j in range(len(batches))], \
                [keep[j * B:(j + 1) * B] for j in range(len(batches))], stats
+
+    def _dynamic_advantages(self, all_r: torch.Tensor, all_g: torch.Tensor, num_batches: int):
+        """Dynamic sampling's update set: the first M groups (by id) with spread; every other sample
+        (zero-spread groups, surplus spread groups) is dropped. Advantages over the kept groups only (the
+        global std is the kept samples'). ``zero_std_ratio`` is the first round's, as without refills."""
+        from grpo_lib.grpo import compute_advantages, group_spread, select_spread_groups
+
+        a, p = self.arith, self.p
+        M = a.groups_per_epoch
+        kept_ids, found = select_spread_groups(all_r, all_g, M)
+        keep = torch.isin(all_g, kept_ids)
+        adv = torch.zeros_like(all_r)
+        stats = {"num_groups": 0.0, "num_kept": 0.0, "reward_std_mean": float("nan"), "adv_clipfrac": 0.0}
+        if keep.any():
+            adv_kept, _, stats = compute_advantages(all_r[keep], all_g[keep], global_std=p.global_std,
+                                                    adv_clip_max=p.adv_clip_max)
+            adv[keep] = adv_kept
+        first_round = (all_g // M) % self.sampler.rounds_per_epoch == 0   # group id = (e * R + k) * M + j
+        _, spread = group_spread(all_r[first_round], all_g[first_round])
+        stats.update(zero_std_ratio=float((~spread).double().mean()),
+                     dynamic_rounds=float(num_batches // a.batches_per_epoch),
+                     dynamic_spread_groups=float(found), dynamic_shortfall=float(M - kept_ids.numel()))
+        return adv, keep, stats
+
+    def _observe_curriculum(self, batches: list[EpochBatch], infos: list[dict]) -> dict:
+        """Fold the epoch's gathered (count, strict correctness) into the curriculum; its log row.
+
+        The samples are put in the epoch's global order before the update, so every process, and a run
+        split over any number of processes, computes the same p_N and so draws the same next plan."""
+        from grpo_lib.curriculum import row_count
+
+        key = next((k for k in STRICT_KEYS if k in infos[0]), None)
+        if key is None:
+            raise ValueError(f"curriculum={self.p.curriculum!r} needs per-image strict correctness in the reward's "
+                             f"info under one of {list(STRICT_KEYS)}; the reward gave {sorted(infos[0])}")
+        counts = torch.tensor([row_count(r) for b in batches for r in b.rows], dtype=torch.long)
+        correct = torch.as_tensor(np.concatenate([np.asarray(inf[key], np.float32) for inf in infos]))
+        order = torch.cat([b.global_index for b in batches])
+        counts, correct, order = self._gather(counts), self._gather(correct), self._gather(order)
+        perm = torch.argsort(order)
+        self.curriculum.observe(counts[perm].numpy(), correct[perm].double().numpy())
+        return self.curriculum.log_row()
 
     def train_epoch(self, epoch: int, batches: list[EpochBatch], advs, keeps, kept_per_batch) -> dict:
         """The update: per batch, one backward pass per trained timestep (``objective_passes``) of the
@@ -618,6 +749,7 @@ class GRPOTrainer:
                  for k, v in guard.items() if k in self.guard_reference}
         out["guard_max_drop"] = max(drops.values()) if drops else 0.0
         out["guard_pass"] = float(out["guard_max_drop"] <= p.guard_max_drop)
+        self.budget["eval_reward_calls"] += len(self.eval_rows)   # one image per held-out prompt, all processes
         return out
 
     def _gather_mean(self, values: np.ndarray) -> float:
@@ -633,7 +765,7 @@ class GRPOTrainer:
         self.check_ranks_agree(f"at start (epoch {self.epoch})")
         t_start = time.perf_counter()
         if self.epoch == 0 and self.eval_rows:   # the starting point: guard reference + baseline row
-            self._record({"epoch": 0, **self.evaluate(0)})
+            self._record({"epoch": 0, **self.evaluate(0), **self.budget})
         while self.epoch < p.num_epochs:
             epoch = self.epoch
             t0 = time.perf_counter()
@@ -646,6 +778,7 @@ class GRPOTrainer:
             self.epoch = epoch + 1
             row = {"epoch": self.epoch, **stats, **train_stats, "seconds_sampling": t_sample,
                    "seconds_epoch": time.perf_counter() - t0}
+            self.budget["seconds_total"] += row["seconds_epoch"]   # training only: evaluation comes next
             # the last epoch (by count or by time budget) is always evaluated and saved, so the most
             # trained weights are a candidate for the best checkpoint too
             out_of_time = bool(p.time_budget_minutes) and (time.perf_counter() - t_start) / 60 > p.time_budget_minutes
@@ -656,7 +789,7 @@ class GRPOTrainer:
                 if "eval_reward" in row and row["guard_pass"] and \
                         (self.best is None or row["eval_reward"] > self.best["eval_reward"]):
                     self.best = {"epoch": self.epoch, "eval_reward": row["eval_reward"]}
-            self._record(row)
+            self._record({**row, **self.budget})
             if self.epoch % p.save_every == 0 or last:
                 path = self.save_checkpoint()
                 if self.best and self.best["epoch"] == self.epoch and path is not None and self.acc.is_main_process:

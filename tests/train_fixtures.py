@@ -34,3 +34,14 @@ def small_params(run_dir, **overrides):
               save_every=1, lr=1e-2, beta=0.01, clip_range=1e-3, progress=False)
     kw.update(overrides)
     return GRPOParams(**kw)
+
+
+def odd_count_reward(images, prompts, rows):
+    """Brightness for rows asking for an odd count, 0 for even counts: every even-count group has zero spread
+    (dynamic sampling must refill) and strict accuracy differs by count (the curriculum's weights move).
+    strict = odd count and brightness > 0.49 (the tiny random policy's images sit at 0.48-0.50)."""
+    from grpo_lib.curriculum import row_count
+
+    b = images.astype(np.float32).mean(axis=(1, 2, 3)) / 255.0
+    odd = np.array([row_count(r) % 2 == 1 for r in rows])
+    return np.where(odd, b, 0.0).astype(np.float32), {"brightness": b, "strict": (odd & (b > 0.49)).astype(np.float32)}

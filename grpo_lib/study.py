@@ -61,6 +61,40 @@ def cold_start_curve(run_dir: str | Path, *, base: str | Path | None = None, pro
     return pd.DataFrame(out)
 
 
+def compare_on_val(stages: dict[str, "Recipe"], *, prompts: str = "data/counting/val.jsonl",
+                   images_per_prompt: int = 2, num_steps: int = 20, seed: int = 0) -> pd.DataFrame:
+    """Exact-count accuracy of each named policy recipe on the val prompts (same noise per image for all),
+    and each one's paired change against the first (``evaluate.paired_difference``: difference, 95 %
+    interval, images gained / lost, McNemar p)."""
+    from .checkpoints import load_policy
+    from .evaluate import paired_difference, per_image_table, wilson_interval
+    from .prompts import load_rows
+    from .rollout import sample_for_rows
+    from .train import selection_seed
+
+    rows = load_rows(prompts)
+    tables = {}
+    for name, recipe in stages.items():
+        images, flat = sample_for_rows(load_policy(recipe), rows, images_per_prompt=images_per_prompt,
+                                       num_steps=num_steps, seed=selection_seed(seed))
+        tables[name] = per_image_table(images, flat)
+    first = next(iter(tables))
+    out = []
+    for name, t in tables.items():
+        k, n = int(t["correct"].sum()), len(t)
+        lo, hi = wilson_interval(k, n)
+        row = {"stage": name, "accuracy": k / n, "ci_low": lo, "ci_high": hi, "n_images": n,
+               "accuracy_counts_7_10": float(t[t["target"] >= 7]["correct"].mean()),
+               "shape_match": float(t["shape_match"].mean()) if "shape_match" in t else float("nan")}
+        if name != first:
+            d = paired_difference(tables[first], t)
+            row.update({f"vs_{first}_{k}": v for k, v in d.items() if k in ("diff", "ci_low", "ci_high", "gained",
+                                                                           "lost", "p_value")})
+        out.append(row)
+        print(f"[study] {name}: {k / n:.3f} [{lo:.3f}, {hi:.3f}]", flush=True)
+    return pd.DataFrame(out)
+
+
 def plot_curve(df: pd.DataFrame, path: str | Path, title: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -88,7 +122,25 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default="results/study")
     c.add_argument("--images-per-prompt", type=int, default=2)
     c.add_argument("--every", type=int, default=1, help="evaluate every k-th checkpoint")
+    m = sub.add_parser("compare", help="paired val accuracy of a cold start and GRPO/NFT/AWM checkpoints on it")
+    m.add_argument("--base", default="data/checkpoints/tiny-base")
+    m.add_argument("--cold-start", required=True, help="the cold-start LoRA every checkpoint sits on")
+    m.add_argument("checkpoints", nargs="+", metavar="NAME=CHECKPOINT_DIR")
+    m.add_argument("--out", default="results/study/compare.csv")
+    m.add_argument("--images-per-prompt", type=int, default=2)
     args = ap.parse_args(argv)
+    if args.cmd == "compare":
+        from .checkpoints import Recipe, repo_path
+        base, cs = repo_path(args.base), repo_path(args.cold_start)
+        stages = {"cold_start": Recipe(base=base, merges=(cs,))}
+        for item in args.checkpoints:
+            name, _, path = item.partition("=")
+            stages[name] = Recipe(base=base, merges=(cs,), lora=Path(path) / "lora")
+        df = compare_on_val(stages, images_per_prompt=args.images_per_prompt)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(args.out, index=False)
+        print(df.round(4).to_string(index=False))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df = cold_start_curve(args.run_dir, images_per_prompt=args.images_per_prompt, every=args.every, progress=False)

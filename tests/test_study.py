@@ -33,3 +33,24 @@ def test_cold_start_curve_rows_and_base_point(tiny_base, tmp_path, repo):
     base = TinyPolicy.from_pretrained(tiny_base).eval()
     images, flat = sample_for_rows(base, rows, images_per_prompt=2, num_steps=3, seed=selection_seed(0))
     assert df["accuracy"].iloc[0] == per_image_table(images, flat)["correct"].mean()
+
+
+def test_compare_on_val_pairs_every_stage_with_the_first(tiny_base, tmp_path, repo):
+    from grpo_lib.checkpoints import Recipe
+    from grpo_lib.study import compare_on_val
+
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    ColdStart(_params(tiny_base, run, lr=5e-2)).train()
+    rows = load_rows(repo / "data" / "counting" / "val.jsonl")[::14]
+    prompts = tmp_path / "rows.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lora = run / "cold_start" / "checkpoints" / "step_000004" / "lora"
+    df = compare_on_val({"base": Recipe(base=tiny_base), "same": Recipe(base=tiny_base),
+                         "tuned": Recipe(base=tiny_base, lora=lora)}, prompts=str(prompts), num_steps=3)
+    assert list(df["stage"]) == ["base", "same", "tuned"] and (df["n_images"] == 20).all()
+    same = df.iloc[1]
+    assert same["vs_base_diff"] == 0 and same["vs_base_gained"] == same["vs_base_lost"] == 0
+    tuned = df.iloc[2]
+    assert tuned["vs_base_diff"] == tuned["accuracy"] - df.iloc[0]["accuracy"]
+    assert tuned["vs_base_gained"] - tuned["vs_base_lost"] == round(20 * tuned["vs_base_diff"])

@@ -289,8 +289,8 @@ def plan_seed(seed: int, epoch: int, round_index: int = 0) -> int:
     a hash of (seed, epoch, round) for refill rounds so that no two (epoch, round) share a stream."""
     if round_index == 0:
         return seed + epoch
-    h = hashlib.blake2b(f"plan/{seed}/{epoch}/{round_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+    from .seeding import stable_seed
+    return stable_seed(f"plan/{seed}/{epoch}/{round_index}")
 
 
 def weighted_permutation(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

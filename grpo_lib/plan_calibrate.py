@@ -55,18 +55,22 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 
 
 # --------------------------------------------------------------------------------------------- the child
-def _stub_timm() -> None:
-    """Show-o2's models/modules.py imports timm for ``to_2tuple`` alone; stand in for it if timm is absent."""
+def _stub_timm() -> dict:
+    """Show-o2's models/modules.py imports timm for ``to_2tuple`` alone; stand in for it if timm is absent.
+    Returns the stub modules it put in ``sys.modules`` (the caller removes them after the import, so no
+    spec-less 'timm' is left behind for later ``find_spec`` calls)."""
     import collections.abc
     import importlib.util
     import types
 
     if importlib.util.find_spec("timm") is not None:
-        return
+        return {}
     helpers = types.ModuleType("timm.layers.helpers")
     helpers.to_2tuple = lambda x: tuple(x) if isinstance(x, collections.abc.Iterable) else (x, x)
-    sys.modules.update({"timm": types.ModuleType("timm"), "timm.layers": types.ModuleType("timm.layers"),
-                        "timm.layers.helpers": helpers})
+    stubs = {"timm": types.ModuleType("timm"), "timm.layers": types.ModuleType("timm.layers"),
+             "timm.layers.helpers": helpers}
+    sys.modules.update(stubs)
+    return stubs
 
 
 def showo2_modules(repo: str | Path):
@@ -77,10 +81,14 @@ def showo2_modules(repo: str | Path):
     if not path.is_file():
         raise ValueError(f"showo2 repo {str(repo)!r} has no models/modules.py (give the show-o2 folder of a "
                          "github.com/showlab/Show-o checkout)")
-    _stub_timm()
-    spec = importlib.util.spec_from_file_location("_showo2_modules", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    stubs = _stub_timm()
+    try:
+        spec = importlib.util.spec_from_file_location("_showo2_modules", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        for name in stubs:
+            sys.modules.pop(name, None)
     return module
 
 

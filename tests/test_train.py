@@ -187,8 +187,12 @@ def _launch(tmp_path, nproc, name, runs=(("plain", {}, "brightness_reward"),)):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
-    one = _launch(tmp_path, 1, "one")["plain"]
-    two = _launch(tmp_path, 2, "two")["plain"]
+    # lr 1e-3, not the fixture's 1e-2: the on-policy gradient is ~0 in some elements, where Adam (g / sqrt(v))
+    # turns float-summation noise of the all-reduce into lr-sized steps (seen: 1 of 64 weights off by 1.2e-5 at
+    # lr 1e-2 after the train prompts changed); the losses and sampling still have to agree to 1e-5
+    runs = (("plain", {"lr": 1e-3}, "brightness_reward"),)
+    one = _launch(tmp_path, 1, "one", runs)["plain"]
+    two = _launch(tmp_path, 2, "two", runs)["plain"]
     np.testing.assert_allclose(two["loss"], one["loss"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(two["approx_kl"], one["approx_kl"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(two["params"], one["params"], atol=1e-5, rtol=0)
@@ -198,11 +202,13 @@ def test_two_processes_match_one_process(tmp_path):
 def test_two_processes_match_one_process_with_each_new_sampler(tmp_path):
     # issue 12: dynamic sampling (refill rounds) and the count curriculum (weighted draws from gathered
     # statistics) split over 2 processes give 1 process's losses, weights, rounds and reward calls
-    # one epoch of dynamic sampling holds its refills (epoch 0's first round has no odd count); the curriculum
+    # one epoch of dynamic sampling holds its refills (seed 5: 1 of epoch 0's 4 first-round groups asks for an odd
+    # count, so 3 more spread groups must come from refills; the plan depends on data/counting/train.jsonl); the curriculum
     # needs 2 (epoch 1 is its first weighted draw). Its rollouts are nearly on-policy, so the loss's gradient is
     # ~0 in some elements and Adam (g / sqrt(v)) turns float noise there into lr-sized steps: at lr 1e-3 a
     # 1e-5 tolerance on the weights still means something (sampling itself must agree exactly, asserted below)
-    runs = (("dynamic", {"dynamic_sampling": True, "dynamic_max_rounds": 3, "num_epochs": 1}, "odd_count_reward"),
+    runs = (("dynamic", {"dynamic_sampling": True, "dynamic_max_rounds": 3, "num_epochs": 1, "seed": 5},
+             "odd_count_reward"),
             ("curriculum", {"curriculum": "spread", "curriculum_floor": 0.1, "lr": 1e-3}, "odd_count_reward"))
     one = _launch(tmp_path, 1, "one", runs)
     two = _launch(tmp_path, 2, "two", runs)

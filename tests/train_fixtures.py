@@ -45,3 +45,36 @@ def odd_count_reward(images, prompts, rows):
     b = images.astype(np.float32).mean(axis=(1, 2, 3)) / 255.0
     odd = np.array([row_count(r) % 2 == 1 for r in rows])
     return np.where(odd, b, 0.0).astype(np.float32), {"brightness": b, "strict": (odd & (b > 0.49)).astype(np.float32)}
+
+
+def check_head_only_epoch(trainer, run_dir, *, ratio_tol: float) -> dict:
+    """Fit ``trainer`` (a Show-o2 policy, head-only training) for its one epoch and check what the write-up
+    asks of it: only diffusion-head weights change, the KL reference is the frozen initial head, the first
+    update is on-policy (ratio 1 within ``ratio_tol``), and the checkpoint is written. Returns the last row."""
+    import math
+
+    import pytest
+    import torch
+
+    policy = trainer.policy
+    before = {n: q.detach().clone() for n, q in policy.model.named_parameters()}
+    try:
+        hist = trainer.fit()
+        after = {n: q.detach().clone() for n, q in policy.model.named_parameters()}
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        assert changed and changed <= set(policy.trainable_names)
+        assert len(changed) >= len(policy.trainable_names) // 2
+        assert all(torch.equal(before[n], after[n]) for n in before if "diffusion" not in n)
+        # the KL reference is the frozen initial head, both the trainer's and the policy's own
+        for ref in (trainer.reference, policy.reference):
+            with ref():
+                assert all(torch.equal(q, before[n]) for n, q in policy.model.named_parameters())
+            assert all(torch.equal(q, after[n]) for n, q in policy.model.named_parameters())
+    finally:
+        trainer.close()
+    row = hist[-1]
+    assert row["epoch"] == 1
+    assert row["ratio_min"] == pytest.approx(1.0, abs=ratio_tol) and row["ratio_max"] == pytest.approx(1.0, abs=ratio_tol)
+    assert math.isfinite(row["loss"]) and math.isfinite(row["eval_reward"])
+    assert (run_dir / "checkpoints" / "latest").read_text() == "epoch_0001"
+    return row

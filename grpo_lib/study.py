@@ -19,17 +19,38 @@ from pathlib import Path
 import pandas as pd
 
 
+def _val_table(recipe, rows, *, images_per_prompt: int, num_steps: int, shift: float = 1.0,
+               guidance_scale: float = 1.0, seed: int = 0, progress: bool = False) -> pd.DataFrame:
+    """Per-image table of ``recipe``'s policy on ``rows`` (ODE, the val noise seeds ``train.selection_seed``)."""
+    from .checkpoints import load_policy
+    from .evaluate import per_image_table
+    from .rollout import sample_for_rows
+    from .train import selection_seed
+
+    images, flat = sample_for_rows(load_policy(recipe), rows, images_per_prompt=images_per_prompt,
+                                   num_steps=num_steps, shift=shift, guidance_scale=guidance_scale,
+                                   seed=selection_seed(seed), progress=progress)
+    return per_image_table(images, flat)
+
+
+def _accuracy(table: pd.DataFrame) -> dict:
+    """Exact-count accuracy with its 95 % Wilson interval, image count and counts 7-10's accuracy."""
+    from .evaluate import wilson_interval
+
+    k, n = int(table["correct"].sum()), len(table)
+    lo, hi = wilson_interval(k, n)
+    return {"accuracy": k / n, "ci_low": lo, "ci_high": hi, "n_images": n,
+            "accuracy_counts_7_10": float(table[table["target"] >= 7]["correct"].mean())}
+
+
 def cold_start_curve(run_dir: str | Path, *, base: str | Path | None = None, prompts: str = "data/counting/val.jsonl", images_per_prompt: int = 2,
                      num_steps: int = 20, shift: float = 1.0, guidance_scale: float = 1.0, seed: int = 0,
                      every: int = 1, progress: bool = True) -> pd.DataFrame:
     """One row per cold-start checkpoint: step, minutes trained, exact-count accuracy with its 95 % Wilson
     interval, and counts 7-10's accuracy, on ``images_per_prompt`` ODE images per val prompt. Step 0 is the
     base itself. ``base`` defaults to the cold start's own ``summary.json`` params."""
-    from .checkpoints import Recipe, load_policy, repo_path
-    from .evaluate import per_image_table, wilson_interval
+    from .checkpoints import Recipe, repo_path
     from .prompts import load_rows
-    from .rollout import sample_for_rows
-    from .train import selection_seed
 
     run_dir = Path(run_dir)
     ck_dir = run_dir / "cold_start" / "checkpoints"
@@ -43,21 +64,17 @@ def cold_start_curve(run_dir: str | Path, *, base: str | Path | None = None, pro
     rows = load_rows(prompts)
     out = []
     for path in ([None] + steps):
-        policy = load_policy(Recipe(base=base, lora=None if path is None else path / "lora"))
-        images, flat = sample_for_rows(policy, rows, images_per_prompt=images_per_prompt, num_steps=num_steps,
-                                       shift=shift, guidance_scale=guidance_scale, seed=selection_seed(seed),
-                                       progress=progress)
-        table = per_image_table(images, flat)
+        table = _val_table(Recipe(base=base, lora=None if path is None else path / "lora"), rows,
+                           images_per_prompt=images_per_prompt, num_steps=num_steps, shift=shift,
+                           guidance_scale=guidance_scale, seed=seed, progress=progress)
         step = 0 if path is None else int(path.name.split("_")[1])
         minutes = 0.0
         if history is not None and step:
             minutes = float(history.loc[history["step"] <= step, "elapsed_s"].max()) / 60
-        k, n = int(table["correct"].sum()), len(table)
-        lo, hi = wilson_interval(k, n)
-        high = table[table["target"] >= 7]
-        out.append({"step": step, "minutes": round(minutes, 2), "accuracy": k / n, "ci_low": lo, "ci_high": hi,
-                    "n_images": n, "accuracy_counts_7_10": float(high["correct"].mean())})
-        print(f"[study] step {step}: {k / n:.3f} [{lo:.3f}, {hi:.3f}] ({minutes:.1f} min)", flush=True)
+        acc = _accuracy(table)
+        out.append({"step": step, "minutes": round(minutes, 2), **acc})
+        print(f"[study] step {step}: {acc['accuracy']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}] "
+              f"({minutes:.1f} min)", flush=True)
     return pd.DataFrame(out)
 
 
@@ -66,32 +83,24 @@ def compare_on_val(stages: dict[str, "Recipe"], *, prompts: str = "data/counting
     """Exact-count accuracy of each named policy recipe on the val prompts (same noise per image for all),
     and each one's paired change against the first (``evaluate.paired_difference``: difference, 95 %
     interval, images gained / lost, McNemar p)."""
-    from .checkpoints import load_policy
-    from .evaluate import paired_difference, per_image_table, wilson_interval
+    from .evaluate import paired_difference
     from .prompts import load_rows
-    from .rollout import sample_for_rows
-    from .train import selection_seed
 
     rows = load_rows(prompts)
-    tables = {}
-    for name, recipe in stages.items():
-        images, flat = sample_for_rows(load_policy(recipe), rows, images_per_prompt=images_per_prompt,
-                                       num_steps=num_steps, seed=selection_seed(seed))
-        tables[name] = per_image_table(images, flat)
+    tables = {name: _val_table(recipe, rows, images_per_prompt=images_per_prompt, num_steps=num_steps, seed=seed)
+              for name, recipe in stages.items()}
     first = next(iter(tables))
     out = []
     for name, t in tables.items():
-        k, n = int(t["correct"].sum()), len(t)
-        lo, hi = wilson_interval(k, n)
-        row = {"stage": name, "accuracy": k / n, "ci_low": lo, "ci_high": hi, "n_images": n,
-               "accuracy_counts_7_10": float(t[t["target"] >= 7]["correct"].mean()),
+        acc = _accuracy(t)
+        row = {"stage": name, **acc,
                "shape_match": float(t["shape_match"].mean()) if "shape_match" in t else float("nan")}
         if name != first:
             d = paired_difference(tables[first], t)
             row.update({f"vs_{first}_{k}": v for k, v in d.items() if k in ("diff", "ci_low", "ci_high", "gained",
                                                                            "lost", "p_value")})
         out.append(row)
-        print(f"[study] {name}: {k / n:.3f} [{lo:.3f}, {hi:.3f}]", flush=True)
+        print(f"[study] {name}: {acc['accuracy']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]", flush=True)
     return pd.DataFrame(out)
 
 

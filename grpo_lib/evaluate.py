@@ -468,10 +468,9 @@ class EvalParams:
 
 
 def _rows(p: EvalParams) -> list[dict]:
-    from grpo_lib.prompts import load_rows
+    from grpo_lib.prompts import load_rows, spread_subset
     rows = load_rows(p.prompts)
-    if p.max_prompts and p.max_prompts < len(rows):     # spread: prompt files are sorted by count
-        rows = [rows[i] for i in np.linspace(0, len(rows) - 1, p.max_prompts).round().astype(int)]
+    rows = spread_subset(rows, p.max_prompts)
     return rows
 
 

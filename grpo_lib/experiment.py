@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from grpo_lib.train import GRPOParams, GRPOTrainer, spread_subset, test_seed
+from grpo_lib.prompts import spread_subset
+from grpo_lib.train import GRPOParams, GRPOTrainer, test_seed
 
 QUALITY_KEYS = ("confidence", "shape_match", "background_fidelity", "area_quality")
 

@@ -34,6 +34,7 @@ SCHEMAS: dict[str, str] = {
     "02_counting_grpo": "grpo_lib.train:GRPOParams",
     "03_evaluate": "grpo_lib.evaluate:EvalParams",
     "04_inference_preview": "grpo_lib.widgets:PreviewParams",
+    "05_sample_efficiency": "grpo_lib.study:StudyParams",
     "pretrain": "grpo_lib.pretrain:PretrainParams",
 }
 

@@ -179,6 +179,14 @@ def load_rows(path: str | Path, *, embedded: bool = True) -> list[dict]:
     return rows
 
 
+def spread_subset(rows: list[dict], n: int) -> list[dict]:
+    """``n`` rows spread evenly over the file (prompt files are sorted by count: a prefix would
+    hold only the smallest counts); all rows when ``n`` is 0 or at least their number."""
+    if n <= 0 or n >= len(rows):
+        return list(rows)
+    return [rows[i] for i in np.linspace(0, len(rows) - 1, n).round().astype(int)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Embedded counting world: prompt sets")
     ap.add_argument("--write-prompts", metavar="DIR", help="rebuild the shipped prompt sets into DIR")

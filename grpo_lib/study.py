@@ -14,9 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+
+from .checkpoints import Recipe, RunLayout, repo_path
 
 
 def _val_table(recipe, rows, *, images_per_prompt: int, num_steps: int, shift: float = 1.0,
@@ -49,7 +53,7 @@ def cold_start_curve(run_dir: str | Path, *, base: str | Path | None = None, pro
     """One row per cold-start checkpoint: step, minutes trained, exact-count accuracy with its 95 % Wilson
     interval, and counts 7-10's accuracy, on ``images_per_prompt`` ODE images per val prompt. Step 0 is the
     base itself. ``base`` defaults to the cold start's own ``summary.json`` params."""
-    from .checkpoints import Recipe, repo_path
+
     from .prompts import load_rows
 
     run_dir = Path(run_dir)
@@ -123,6 +127,270 @@ def plot_curve(df: pd.DataFrame, path: str | Path, title: str) -> Path:
     return Path(path)
 
 
+
+# ------------------------------------------------------------------------------------------------
+# notebooks/05_sample_efficiency.ipynb: train (or read) every lever's run from one cold start, then
+# compare them at equal reward calls and at equal training seconds, paired image by image on val.
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class StudyParams:
+    """Fields of notebooks/05_sample_efficiency.ipynb's parameters cell (params/05_sample_efficiency__*.yaml)."""
+    run_dir: str = "runs/dev/study"                        # outputs: one sub-directory per run, tables, curves, grid
+    train_params: str = "params/02_counting_grpo__strict_first_50.yaml"   # every run's GRPO params file
+    common_set: dict[str, Any] = field(default_factory=dict)    # overrides every run gets (cold_start_lora, num_epochs...)
+    runs: dict[str, dict[str, Any]] = field(default_factory=lambda: {"grpo": {}})  # name -> its own overrides (objective, reward...)
+    parallel: int = 2                                      # runs trained at once (1 torch thread each on CPU)
+    base: str = "data/checkpoints/tiny-base"               # base checkpoint every run sits on
+    cold_start_lora: str = ""                              # the LoRA every run started from ("" = none)
+    prompts: str = "data/counting/val.jsonl"               # val rows for the paired comparison
+    images_per_prompt: int = 2                             # paired comparison: images per val prompt
+    max_prompts: int = 0                                   # val rows used, spread over the file (0 = all)
+    num_steps: int = 20                                    # ODE steps of the comparison
+    budget_reward_calls: int = 0                           # equal-calls point (0 = smallest final count over runs)
+    budget_seconds: float = 0.0                            # equal-wall-time point (0 = smallest over runs)
+    thresholds: list[float] = field(default_factory=lambda: [0.7, 0.9])  # reward calls to reach these accuracies
+    guard_max_drop: float = 0.05                           # quality guard: max relative drop vs the cold start
+    grid_prompts: int = 10                                 # image grid: val prompts (columns) per run
+    seed: int = 0                                          # val noise seeds (train.selection_seed(seed))
+
+    def __post_init__(self):
+        if not self.runs:
+            raise ValueError("runs is empty: name at least one run (name -> overrides of train_params)")
+        for name, over in self.runs.items():
+            if not isinstance(over, dict):
+                raise ValueError(f"runs[{name!r}]={over!r} must be a mapping of GRPO params overrides")
+        for name in ("parallel", "images_per_prompt", "num_steps", "grid_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not all(0 < t <= 1 for t in self.thresholds):
+            raise ValueError(f"thresholds={self.thresholds} must lie in (0, 1]")
+
+
+def run_command(p: StudyParams, name: str) -> list[str]:
+    """``python -m grpo_lib.train`` for run ``name``: the study's params file, ``common_set``, then its own
+    overrides (values as JSON, which is YAML), into ``<run_dir>/<name>``."""
+    over = {**p.common_set, **p.runs[name], "run_dir": str(Path(p.run_dir) / name)}
+    return [sys.executable, "-m", "grpo_lib.train", p.train_params, "--set",
+            *(f"{k}={json.dumps(v)}" for k, v in over.items())]
+
+
+def train_runs(p: StudyParams) -> dict[str, Path]:
+    """Train every run whose ``metrics.csv`` does not reach its last epoch yet, ``p.parallel`` at a time
+    (1 torch thread each when there is no GPU); each one's output goes to ``<run_dir>/<name>.log`` and its
+    command to ``<run_dir>/<name>.cmd``. A finished run is read, not retrained; a killed one resumes.
+    Raises ``RuntimeError`` naming the failed runs with their log's tail."""
+    import os
+    import subprocess
+    import time
+
+    import torch
+
+    out = {name: Path(p.run_dir) / name for name in p.runs}
+    todo = [n for n in p.runs if not _finished(out[n])]
+    for name in p.runs:
+        if name not in todo:
+            print(f"[study] {name}: finished earlier, read from {out[name]}", flush=True)
+    env = dict(os.environ, **({} if torch.cuda.is_available() else {"OMP_NUM_THREADS": "1"}))
+    running: dict[str, subprocess.Popen] = {}
+    failed = []
+    while todo or running:
+        while todo and len(running) < p.parallel:
+            name = todo.pop(0)
+            cmd = run_command(p, name) + (["resume=true"] if (out[name] / "checkpoints").is_dir() else [])
+            Path(p.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(p.run_dir) / f"{name}.cmd").write_text(" ".join(cmd[1:]) + "\n")
+            print(f"[study] training {name}", flush=True)
+            running[name] = subprocess.Popen(cmd, env=env, stdout=open(Path(p.run_dir) / f"{name}.log", "w"),
+                                             stderr=subprocess.STDOUT)
+        time.sleep(1.0)
+        for name, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                if proc.returncode:
+                    failed.append(name)
+                else:
+                    out[name].with_suffix(".done").write_text(f"exit 0 {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                print(f"[study] {name} {'FAILED' if proc.returncode else 'done'}", flush=True)
+    if failed:
+        tails = {n: (Path(p.run_dir) / f"{n}.log").read_text().splitlines()[-15:] for n in failed}
+        raise RuntimeError("study runs failed: " + "; ".join(f"{n}:\n" + "\n".join(t) for n, t in tails.items()))
+    return out
+
+
+def _finished(run: Path) -> bool:
+    """A run is finished when its training process exited cleanly (``train_runs`` then writes ``<run>.done``)."""
+    return run.with_suffix(".done").is_file()
+
+
+def load_curves(runs: dict[str, Path]) -> pd.DataFrame:
+    """Every run's per-evaluation val accuracy against its cost: one row per (run, evaluated epoch) with
+    ``reward_calls`` (training reward calls so far), ``seconds_total`` (training seconds so far, evaluation
+    excluded), accuracy with its 95 % Wilson interval over the evaluation's images (the step in
+    ``eval_reward_calls``), and shape match."""
+    from .evaluate import wilson_interval
+
+    parts = []
+    for name, run in runs.items():
+        m = pd.read_csv(Path(run) / "metrics.csv")
+        m = m[m["eval_correct"].notna()]
+        images = m["eval_reward_calls"].diff().fillna(m["eval_reward_calls"])   # each evaluation's images
+        for (_, r), n in zip(m.iterrows(), images.astype(int)):
+            k = round(float(r["eval_correct"]) * n)
+            lo, hi = wilson_interval(k, n)
+            parts.append({"run": name, "epoch": int(r["epoch"]), "reward_calls": int(r["reward_calls"]),
+                          "seconds_total": float(r["seconds_total"]), "accuracy": float(r["eval_correct"]),
+                          "ci_low": lo, "ci_high": hi, "n_images": n,
+                          "shape_match": float(r.get("eval_shape_match", float("nan")))})
+    return pd.DataFrame(parts)
+
+
+def reach_table(curves: pd.DataFrame, thresholds: list[float]) -> pd.DataFrame:
+    """Reward calls each run needed to reach each accuracy: the first evaluation at or above it, and the
+    interval of that figure from the Wilson bounds (first where the upper bound reaches it: the soonest it
+    may have; first where the lower bound does: by when it surely had). ``NaN`` = not within the run."""
+    def first(df, col, t):
+        hit = df[df[col] >= t]
+        return float(hit["reward_calls"].iloc[0]) if len(hit) else float("nan")
+
+    out = []
+    for name, df in curves.sort_values("reward_calls").groupby("run", sort=False):
+        for t in thresholds:
+            out.append({"run": name, "threshold": t, "reward_calls": first(df, "accuracy", t),
+                        "calls_low": first(df, "ci_high", t), "calls_high": first(df, "ci_low", t),
+                        "max_reward_calls": int(df["reward_calls"].max())})
+    return pd.DataFrame(out)
+
+
+def checkpoint_at(run: Path, column: str, budget: float) -> tuple[Path, dict]:
+    """The run's saved checkpoint with the largest ``column`` (``reward_calls`` / ``seconds_total``) at or
+    below ``budget``, and that epoch's metrics row. Raises ``ValueError`` when none fits."""
+    m = pd.read_csv(Path(run) / "metrics.csv").set_index("epoch")
+    saved = sorted((int(d.name.split("_")[1]), d) for d in RunLayout(Path(run)).epochs())
+    fits = [(e, d) for e, d in saved if e in m.index and m.loc[e, column] <= budget + 1e-9]
+    if not fits:
+        raise ValueError(f"{run}: no saved checkpoint with {column} <= {budget} (saved epochs "
+                         f"{[e for e, _ in saved]}); lower save_every or raise the budget")
+    epoch, path = max(fits)
+    return path, {"epoch": epoch, "reward_calls": int(m.loc[epoch, "reward_calls"]),
+                  "seconds_total": float(m.loc[epoch, "seconds_total"])}
+
+
+def compare_at_budgets(p: StudyParams, runs: dict[str, Path], curves: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Each run's checkpoint at equal reward calls and at equal training seconds, sampled on the same val
+    images as the cold start and paired against it and against the first run, with the quality guard.
+    ``budget`` is ``reward_calls`` or ``seconds_total`` (``start`` for the cold start), ``budget_value`` its
+    limit. Returns (table, per-image tables keyed by (run, budget), the cold start's under ``"start"``)."""
+    from .evaluate import paired_difference
+    from .experiment import QUALITY_KEYS
+    from .prompts import load_rows, spread_subset
+
+    final = curves.sort_values("reward_calls").groupby("run").last()
+    budgets = {"reward_calls": p.budget_reward_calls or int(final["reward_calls"].min()),
+               "seconds_total": p.budget_seconds or float(final["seconds_total"].min())}
+    rows = load_rows(repo_path(p.prompts))
+    rows = spread_subset(rows, p.max_prompts)
+    base = repo_path(p.base)
+    merges = (repo_path(p.cold_start_lora),) if p.cold_start_lora else ()
+    cache: dict[Path, pd.DataFrame] = {}
+
+    def table_of(lora):
+        if lora not in cache:
+            cache[lora] = _val_table(Recipe(base=base, merges=merges, lora=lora), rows,
+                                     images_per_prompt=p.images_per_prompt, num_steps=p.num_steps, seed=p.seed)
+        return cache[lora]
+
+    start = table_of(None)
+    first = next(iter(runs))
+    picks = {(name, col): checkpoint_at(run, col, b) for col, b in budgets.items() for name, run in runs.items()}
+    tables = {key: table_of(path / "lora") for key, (path, _) in picks.items()}
+    q_start = {k: float(start[k].mean()) for k in QUALITY_KEYS if k in start}
+    out = [{"budget": "start", "budget_value": float("nan"), "run": "cold_start", **_accuracy(start), **q_start}]
+    for (name, col), t in tables.items():
+        q = {k: float(t[k].mean()) for k in q_start}
+        drop = max(0.0, *((q_start[k] - q[k]) / max(abs(q_start[k]), 1e-8) for k in q_start))
+        row = {"budget": col, "budget_value": budgets[col], "run": name, **picks[(name, col)][1], **_accuracy(t), **q,
+               "worst_quality_drop": drop, "guard_pass": drop <= p.guard_max_drop}
+        for ref_name, ref in (("cold_start", start), (first, tables[(first, col)])):
+            if ref is t:
+                continue
+            d = paired_difference(ref, t)
+            row.update({f"vs_{ref_name}_{k}": d[k] for k in ("diff", "ci_low", "ci_high", "gained", "lost", "p_value")})
+        out.append(row)
+    return pd.DataFrame(out), {"start": start, **tables}
+
+
+def plot_curves(curves: pd.DataFrame, path: str | Path) -> Path:
+    """Val accuracy (with its Wilson band) against reward calls and against training minutes, per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for name, df in curves.groupby("run", sort=False):
+        for ax, x in zip(axes, (df["reward_calls"], df["seconds_total"] / 60)):
+            line, = ax.plot(x, df["accuracy"], marker=".", label=name)
+            ax.fill_between(x, df["ci_low"], df["ci_high"], alpha=0.12, color=line.get_color())
+    axes[0].set_xlabel("training reward calls")
+    axes[1].set_xlabel("training minutes (evaluation excluded)")
+    axes[0].set_ylabel("exact-count accuracy (val)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+
+
+def summary_markdown(table: pd.DataFrame) -> str:
+    """``compare_at_budgets``'s table as Markdown: accuracy and paired changes with their 95 % intervals."""
+    def pm(r, pre):
+        key = f"{pre}_diff"
+        if key not in r or pd.isna(r[key]):
+            return "-"
+        return f"{100 * r[key]:+.1f} pp [{100 * r[pre + '_ci_low']:+.1f}, {100 * r[pre + '_ci_high']:+.1f}]"
+
+    refs = [c[:-5] for c in table.columns if c.startswith("vs_") and c.endswith("_diff")]
+    head = ["budget (at most)", "run", "epoch", "reward calls", "train s", "exact count [95 %]", "counts 7-10",
+            "shape match", *(f"paired {r.replace('_', ' ')}" for r in refs), "guard"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in table.iterrows():
+        budget = {"start": "-", "reward_calls": f"{r['budget_value']:,.0f} reward calls",
+                  "seconds_total": f"{r['budget_value']:,.0f} train s"}[r["budget"]]
+        cells = [budget, r["run"], "-" if pd.isna(r.get("epoch")) else f"{int(r['epoch'])}",
+                 "-" if pd.isna(r.get("reward_calls")) else f"{int(r['reward_calls']):,}",
+                 "-" if pd.isna(r.get("seconds_total")) else f"{r['seconds_total']:.0f}",
+                 f"{r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", f"{r['accuracy_counts_7_10']:.3f}",
+                 f"{r['shape_match']:.3f}", *(pm(r, ref) for ref in refs),
+                 "-" if pd.isna(r.get("guard_pass")) else ("pass" if r["guard_pass"] else "FAIL")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def image_grid(p: StudyParams, picks: dict[str, Path], path: str | Path) -> Path:
+    """One row per policy (``name -> LoRA dir``, ``None`` = the cold start), one val image per column:
+    ``grid_prompts`` prompts spread over the counts, the same noise in every row; captions say found/asked."""
+    import numpy as np
+
+    from .checkpoints import load_policy
+    from .evaluate import per_image_table, save_image_grid
+    from .prompts import load_rows, spread_subset
+    from .rollout import sample_for_rows
+    from .train import selection_seed
+
+    rows = spread_subset(load_rows(repo_path(p.prompts)), p.grid_prompts)
+    merges = (repo_path(p.cold_start_lora),) if p.cold_start_lora else ()
+    cells, captions = [], []
+    for lora in picks.values():
+        images, flat = sample_for_rows(load_policy(Recipe(base=repo_path(p.base), merges=merges, lora=lora)), rows,
+                                       images_per_prompt=1, num_steps=p.num_steps, seed=selection_seed(p.seed))
+        t = per_image_table(images, flat)
+        cells.append(images)
+        captions.append([f"{f}/{n}" for f, n in zip(t["found"], t["target"])])
+    return save_image_grid(np.stack(cells), path, row_labels=list(picks), captions=captions,
+                           title="val prompts, same noise per column; caption: found / asked")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Sample-efficiency study helpers")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -139,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--images-per-prompt", type=int, default=2)
     args = ap.parse_args(argv)
     if args.cmd == "compare":
-        from .checkpoints import Recipe, repo_path
+
         base, cs = repo_path(args.base), repo_path(args.cold_start)
         stages = {"cold_start": Recipe(base=base, merges=(cs,))}
         for item in args.checkpoints:

@@ -253,7 +253,7 @@ class GRPOTrainer:
         from accelerate import Accelerator
 
         from grpo_lib import grpo
-        from grpo_lib.prompts import load_rows
+        from grpo_lib.prompts import load_rows, spread_subset
 
         self.p = params
         self.acc = accelerator or Accelerator(mixed_precision=params.mixed_precision,
@@ -749,7 +749,7 @@ class GRPOTrainer:
                  for k, v in guard.items() if k in self.guard_reference}
         out["guard_max_drop"] = max(drops.values()) if drops else 0.0
         out["guard_pass"] = float(out["guard_max_drop"] <= p.guard_max_drop)
-        self.budget["eval_reward_calls"] += len(self.eval_rows)   # one image per held-out prompt, all processes
+        self.budget["eval_reward_calls"] += len(self.eval_rows) * p.eval_images_per_prompt   # all processes
         return out
 
     def _gather_mean(self, values: np.ndarray) -> float:
@@ -850,14 +850,6 @@ class GRPOTrainer:
         self._pool.shutdown(wait=True)
         if self._tb is not None:
             self._tb.close()
-
-
-def spread_subset(rows: list[dict], n: int) -> list[dict]:
-    """``n`` rows spread evenly over the file (prompt files are sorted by count: a prefix would
-    hold only the smallest counts); all rows when ``n`` is 0 or at least their number."""
-    if n <= 0 or n >= len(rows):
-        return list(rows)
-    return [rows[i] for i in np.linspace(0, len(rows) - 1, n).round().astype(int)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -54,3 +55,96 @@ def test_compare_on_val_pairs_every_stage_with_the_first(tiny_base, tmp_path, re
     tuned = df.iloc[2]
     assert tuned["vs_base_diff"] == tuned["accuracy"] - df.iloc[0]["accuracy"]
     assert tuned["vs_base_gained"] - tuned["vs_base_lost"] == round(20 * tuned["vs_base_diff"])
+
+
+# ------------------------------------------------------------------------------------------------
+# notebooks/05_sample_efficiency: budgets, reach table, and the notebook at smoke size
+# ------------------------------------------------------------------------------------------------
+def _fake_run(run: Path, rows: list[dict], saved: list[int]) -> Path:
+    """A run folder with ``metrics.csv`` rows and empty ``checkpoints/epoch_XXXX`` dirs for ``saved``."""
+    import pandas as pd
+
+    run.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(run / "metrics.csv", index=False)
+    for e in saved:
+        (run / "checkpoints" / f"epoch_{e:04d}").mkdir(parents=True)
+    return run
+
+
+def _metrics(accuracies, calls_per_epoch=100, seconds_per_epoch=10.0, images=50):
+    return [{"epoch": e, "reward_calls": e * calls_per_epoch, "seconds_total": e * seconds_per_epoch,
+             "eval_correct": a, "eval_reward_calls": (e + 1) * images, "eval_shape_match": 0.9}
+            for e, a in enumerate(accuracies)]
+
+
+def test_checkpoint_at_picks_the_last_saved_epoch_within_the_budget(tmp_path):
+    from grpo_lib.study import checkpoint_at
+
+    run = _fake_run(tmp_path / "r", _metrics([0.1, 0.2, 0.3, 0.4, 0.5]), saved=[2, 4])
+    path, info = checkpoint_at(run, "reward_calls", 399)
+    assert path.name == "epoch_0002" and info == {"epoch": 2, "reward_calls": 200, "seconds_total": 20.0}
+    assert checkpoint_at(run, "seconds_total", 40.0)[1]["epoch"] == 4
+    with pytest.raises(ValueError, match=r"no saved checkpoint with reward_calls <= 150 \(saved epochs \[2, 4\]\)"):
+        checkpoint_at(run, "reward_calls", 150)
+
+
+def test_load_curves_and_reach_table(tmp_path):
+    from grpo_lib.evaluate import wilson_interval
+    from grpo_lib.study import load_curves, reach_table
+
+    run = _fake_run(tmp_path / "r", _metrics([0.50, 0.70, 0.68, 0.92, 0.96]), saved=[4])
+    curves = load_curves({"a": run})
+    assert list(curves["reward_calls"]) == [0, 100, 200, 300, 400] and (curves["n_images"] == 50).all()
+    lo, hi = wilson_interval(35, 50)
+    assert (curves.loc[1, "ci_low"], curves.loc[1, "ci_high"]) == (lo, hi)
+    reach = reach_table(curves, [0.7, 0.9]).set_index("threshold")
+    assert reach.loc[0.7, "reward_calls"] == 100 and reach.loc[0.9, "reward_calls"] == 300
+    # the soonest it may have reached 0.7: the first point whose upper bound does (0.50 of 50: hi 0.63 < 0.7)
+    assert reach.loc[0.7, "calls_low"] == 100
+    # by when it surely had: the first point whose lower bound reaches it (0.96 of 50: lo 0.865 < 0.9: never)
+    assert reach.loc[0.7, "calls_high"] == 300 and str(reach.loc[0.9, "calls_high"]) == "nan"
+
+
+def test_study_params_name_bad_values():
+    from grpo_lib.study import StudyParams
+
+    assert StudyParams().runs == {"grpo": {}}          # one run: the train params as they are
+    with pytest.raises(ValueError, match="runs is empty"):
+        StudyParams(runs={})
+    with pytest.raises(ValueError, match=r"runs\['a'\]='grpo' must be a mapping"):
+        StudyParams(runs={"a": "grpo"})
+    with pytest.raises(ValueError, match=r"thresholds=\[0.7, 1.5\] must lie in \(0, 1\]"):
+        StudyParams(runs={"a": {}}, thresholds=[0.7, 1.5])
+
+
+@pytest.mark.slow
+def test_sample_efficiency_notebook_smoke(run_notebook):
+    import pandas as pd
+
+    executed, run_dir = run_notebook("05_sample_efficiency")
+    curves = pd.read_csv(run_dir / "curves.csv")
+    assert set(curves["run"]) == {"grpo", "awm"}
+    for _, df in curves.groupby("run"):    # epochs 0, 1, 2 of 16 reward calls each, 5 val images each
+        assert list(df["reward_calls"]) == [0, 16, 32] and (df["n_images"] == 5).all()
+        assert df["seconds_total"].is_monotonic_increasing
+    table = pd.read_csv(run_dir / "compare.csv")
+    assert list(table["budget"]) == ["start", "reward_calls", "reward_calls", "seconds_total", "seconds_total"]
+    assert (table["n_images"] == 10).all()                     # max_prompts x images_per_prompt, every stage
+    at_calls = table[table["budget"] == "reward_calls"]
+    assert (at_calls["reward_calls"] == 32).all() and (at_calls["budget_value"] == 32).all()
+    at_time = table[table["budget"] == "seconds_total"]
+    assert (at_time["seconds_total"] <= at_time["budget_value"] + 1e-9).all()
+    # paired against the cold start: the difference is the accuracy difference on the same 10 images
+    start = table.iloc[0]["accuracy"]
+    for _, r in table.iloc[1:].iterrows():
+        assert r["vs_cold_start_diff"] == pytest.approx(r["accuracy"] - start)
+        assert r["vs_cold_start_gained"] - r["vs_cold_start_lost"] == round(10 * r["vs_cold_start_diff"])
+    assert len(pd.read_csv(run_dir / "reach.csv")) == 4        # 2 runs x 2 thresholds
+    for name in ("grpo", "awm"):
+        assert (run_dir / f"{name}.done").is_file() and "objective" in (run_dir / f"{name}.cmd").read_text()
+    assert (run_dir / "grid.png").stat().st_size > 0 and "| reward calls |" in (run_dir / "compare.md").read_text()
+    # a second execution reads the finished runs instead of training them again
+    before = (run_dir / "grpo" / "metrics.csv").stat().st_mtime_ns
+    executed, _ = run_notebook("05_sample_efficiency")
+    assert (run_dir / "grpo" / "metrics.csv").stat().st_mtime_ns == before
+    assert "grpo: finished earlier" in executed.read_text()

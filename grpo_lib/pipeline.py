@@ -84,18 +84,36 @@ def export_html(executed: Path) -> Path:
     return executed.with_suffix(".html")
 
 
+def stages_with(use: list[str]) -> list[tuple[str, str | None]]:
+    """``STAGES`` with ``NOTEBOOK=EXPERIMENT`` substitutions; raises ``ValueError`` naming an unknown
+    notebook or a params file that does not exist."""
+    chosen = dict(STAGES)
+    for item in use:
+        notebook, sep, experiment = item.partition("=")
+        if not sep or notebook not in chosen:
+            raise ValueError(f"--use {item!r}: expected NOTEBOOK=EXPERIMENT with NOTEBOOK one of {list(chosen)}")
+        if not (REPO / "params" / f"{notebook}__{experiment}.yaml").is_file():
+            raise ValueError(f"--use {item!r}: params/{notebook}__{experiment}.yaml does not exist")
+        chosen[notebook] = experiment
+    return list(chosen.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", default="embedded-default", help="run name: outputs go to runs/<name>/")
     ap.add_argument("--kernel", default="python3", help="Jupyter kernel for papermill")
     ap.add_argument("--only", nargs="*", default=None, help="run only these notebooks (names)")
+    ap.add_argument("--use", nargs="*", default=[], metavar="NOTEBOOK=EXPERIMENT",
+                    help="run NOTEBOOK with params/NOTEBOOK__EXPERIMENT.yaml instead of its default, "
+                         "e.g. --use 01_cold_start=counts_1_7 02_counting_grpo=counts_1_7")
     args = ap.parse_args(argv)
+    stages = stages_with(args.use)
     # kernels inherit this: idle OpenMP threads sleep instead of spinning (2 shared cores)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     run_dir = REPO / "runs" / args.name
     run_dir.mkdir(parents=True, exist_ok=True)
     timings, peaks = {}, {}
-    for notebook, experiment in STAGES:
+    for notebook, experiment in stages:
         if args.only and notebook not in args.only:
             continue
         params_file = REPO / "params" / f"{notebook}__{experiment}.yaml" if experiment else None

@@ -117,7 +117,7 @@ class GRPOParams:
     resume: bool = False                                   # continue from run_dir/checkpoints/latest
     time_budget_minutes: float = 0.0                       # stop after this many minutes (0 = no limit)
     guard_max_drop: float = 0.05                           # quality guard: max relative drop vs the start
-    unseen_prompts: str = "data/counting/test_unseen_counts.jsonl"  # counts never trained on (final eval)
+    unseen_prompts: str = ""                               # extra final-eval rows, e.g. counts never trained on ("" = none)
     final_images_per_prompt: int = 4                       # final eval: images per held-out prompt
     final_max_prompts: int = 0                             # final eval: prompts per set (0 means all)
     progress: bool = True                                  # tqdm bars

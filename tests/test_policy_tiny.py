@@ -54,7 +54,7 @@ def test_contract_and_shapes(x):
 
 def test_tokenizer_covers_every_shipped_prompt(repo):
     tok = make().tokenizer
-    for name in ("train", "test", "test_unseen_counts"):
+    for name in ("train", "val", "test", "train_counts_1_7"):
         rows = load_rows(repo / "data" / "counting" / f"{name}.jsonl")
         ids, mask = tok([r["prompt"] for r in rows])
         assert not (ids == UNK).any(), name

@@ -145,3 +145,15 @@ def test_pipeline_stages_name_existing_params_files():
 
     for notebook, experiment in STAGES:
         assert experiment is None or (REPO_PARAMS / f"{notebook}__{experiment}.yaml").is_file()
+
+
+def test_pipeline_use_swaps_a_stage_params_and_names_bad_input():
+    from grpo_lib.pipeline import STAGES, stages_with
+
+    swapped = dict(stages_with(["01_cold_start=counts_1_7", "02_counting_grpo=counts_1_7"]))
+    assert swapped["01_cold_start"] == swapped["02_counting_grpo"] == "counts_1_7"
+    assert [n for n, _ in stages_with([])] == [n for n, _ in STAGES] and stages_with([]) == STAGES
+    with pytest.raises(ValueError, match=r"--use '09_x=y': expected NOTEBOOK=EXPERIMENT with NOTEBOOK one of"):
+        stages_with(["09_x=y"])
+    with pytest.raises(ValueError, match=r"params/01_cold_start__nope.yaml does not exist"):
+        stages_with(["01_cold_start=nope"])

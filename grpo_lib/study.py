@@ -140,7 +140,7 @@ class StudyParams:
     common_set: dict[str, Any] = field(default_factory=dict)    # overrides every run gets (cold_start_lora, num_epochs...)
     runs: dict[str, dict[str, Any]] = field(default_factory=lambda: {"grpo": {}})  # name -> its own overrides (objective, reward...)
     parallel: int = 2                                      # runs trained at once (1 torch thread each on CPU)
-    base: str = "data/checkpoints/tiny-base"               # base checkpoint every run sits on
+    model: str = "data/checkpoints/tiny-base"              # base checkpoint every run sits on
     cold_start_lora: str = ""                              # the LoRA every run started from ("" = none)
     prompts: str = "data/counting/val.jsonl"               # val rows for the paired comparison
     images_per_prompt: int = 2                             # paired comparison: images per val prompt
@@ -289,7 +289,7 @@ def compare_at_budgets(p: StudyParams, runs: dict[str, Path], curves: pd.DataFra
                "seconds_total": p.budget_seconds or float(final["seconds_total"].min())}
     rows = load_rows(repo_path(p.prompts))
     rows = spread_subset(rows, p.max_prompts)
-    base = repo_path(p.base)
+    base = repo_path(p.model)
     merges = (repo_path(p.cold_start_lora),) if p.cold_start_lora else ()
     cache: dict[Path, pd.DataFrame] = {}
 
@@ -382,7 +382,7 @@ def image_grid(p: StudyParams, picks: dict[str, Path], path: str | Path) -> Path
     merges = (repo_path(p.cold_start_lora),) if p.cold_start_lora else ()
     cells, captions = [], []
     for lora in picks.values():
-        images, flat = sample_for_rows(load_policy(Recipe(base=repo_path(p.base), merges=merges, lora=lora)), rows,
+        images, flat = sample_for_rows(load_policy(Recipe(base=repo_path(p.model), merges=merges, lora=lora)), rows,
                                        images_per_prompt=1, num_steps=p.num_steps, seed=selection_seed(p.seed))
         t = per_image_table(images, flat)
         cells.append(images)

@@ -762,6 +762,11 @@ class GRPOTrainer:
         """Run epochs until ``num_epochs`` or the time budget; returns the metrics history."""
         p = self.p
         self.maybe_resume()
+        if p.num_processes > 1 and p.num_processes != self.acc.num_processes:   # `python -m grpo_lib.train` on a 2-process file
+            a = self.acc.num_processes
+            self._log_event(f"WARNING: params say num_processes={p.num_processes} but {a} process(es) run: each "
+                            f"epoch samples {a * p.batch_size * p.batches_per_epoch} rollouts, not "
+                            f"{p.num_processes * p.batch_size * p.batches_per_epoch}")
         self.check_ranks_agree(f"at start (epoch {self.epoch})")
         t_start = time.perf_counter()
         if self.epoch == 0 and self.eval_rows:   # the starting point: guard reference + baseline row

@@ -21,6 +21,7 @@ each epoch's prompts in proportion to
 
 A count never rolled out yet has p_N = 1/2 (``PRIOR``), so before any statistics every row weighs the
 same and the first epoch's draw is uniform in weight. The average starts from that prior rather than
+from grpo_lib.params import check_knob
 from the first observation: with M groups an epoch spread over ~10 counts a count's first acc_N often
 rests on one group, and one unlucky group must not push its weight down to the floor. The trainer observes each epoch's gathered
 rollouts (in the epochs' global sample order, so 1 and 2 processes compute the same floats) and hands
@@ -68,8 +69,7 @@ class CountCurriculum:
         self.counts = np.asarray(counts, dtype=np.int64)                                 # (num_prompts,)
         if self.counts.ndim != 1 or self.counts.size == 0:
             raise ValueError(f"counts must be a non-empty 1-D sequence, got shape {self.counts.shape}")
-        if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 2:
-            raise ValueError(f"group_size={group_size!r} must be an integer >= 2")
+        check_knob("group_size", group_size)
         if not floor > 0:
             raise ValueError(f"curriculum floor={floor} must be > 0: a count with p_N in {{0, 1}} would get "
                              "weight 0, never be drawn again, and so never update")

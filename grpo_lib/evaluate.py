@@ -30,6 +30,7 @@ optional LoRA, ODE sampling with the same per-(prompt, k) seeds as every other s
 """
 from __future__ import annotations
 
+from grpo_lib.params import check_knobs
 import json
 import math
 from dataclasses import dataclass
@@ -452,7 +453,8 @@ class EvalParams:
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"source={self.source!r} is not one of {SOURCES}")
-        for k in ("images_per_prompt", "num_steps", "batch_size", "grid_per_count"):
+        check_knobs(self)
+        for k in ("images_per_prompt", "grid_per_count"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k}={getattr(self, k)} must be >= 1")
         if self.max_prompts < 0:

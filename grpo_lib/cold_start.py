@@ -45,7 +45,6 @@ never wrapped). Outputs under ``run_dir/cold_start/``:
 """
 from __future__ import annotations
 
-from grpo_lib.params import check_knobs
 import argparse
 import contextlib
 import gc
@@ -61,6 +60,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from grpo_lib.params import check_knobs
 from . import checkpoints, progress
 from .checkpoints import atomic_save_dir, atomic_write_text
 from .flow_matching import WEIGHTINGS, flow_matching_loss, sample_timesteps

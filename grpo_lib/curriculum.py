@@ -21,7 +21,6 @@ each epoch's prompts in proportion to
 
 A count never rolled out yet has p_N = 1/2 (``PRIOR``), so before any statistics every row weighs the
 same and the first epoch's draw is uniform in weight. The average starts from that prior rather than
-from grpo_lib.params import check_knob
 from the first observation: with M groups an epoch spread over ~10 counts a count's first acc_N often
 rests on one group, and one unlucky group must not push its weight down to the floor. The trainer observes each epoch's gathered
 rollouts (in the epochs' global sample order, so 1 and 2 processes compute the same floats) and hands
@@ -35,6 +34,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from grpo_lib.params import check_knob
 
 __all__ = ["CURRICULA", "row_count", "spread_probability", "CountCurriculum"]
 

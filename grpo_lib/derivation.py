@@ -25,13 +25,13 @@ term of the drift: a deliberately wrong sampler the marginal check must reject.
 """
 from __future__ import annotations
 
-from grpo_lib.params import check_knobs
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from grpo_lib.params import check_knobs
 from .sde import check_convention, sde_step_with_logprob
 
 

@@ -30,7 +30,6 @@ optional LoRA, ODE sampling with the same per-(prompt, k) seeds as every other s
 """
 from __future__ import annotations
 
-from grpo_lib.params import check_knobs
 import json
 import math
 from dataclasses import dataclass
@@ -39,6 +38,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from grpo_lib.params import check_knobs
 
 Z95 = 1.959963984540054
 

@@ -28,7 +28,6 @@ before the time budget stops it. Checkpoints (``run_dir/ckpt.pt``, plain state r
 """
 from __future__ import annotations
 
-from grpo_lib.params import check_knobs
 import argparse
 import csv
 import dataclasses
@@ -42,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from grpo_lib.params import check_knobs
 
 
 @dataclass

@@ -11,7 +11,6 @@ Every checkpoint is sampled from the same initial noise per (prompt, image) (``r
 """
 from __future__ import annotations
 
-from grpo_lib.params import check_knobs
 import argparse
 import json
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from grpo_lib.params import check_knobs
 from .checkpoints import Recipe, RunLayout, repo_path
 
 

@@ -26,7 +26,6 @@ Run: ``python -m grpo_lib.train params/02_counting_grpo__smoke.yaml`` or
 """
 from __future__ import annotations
 
-from grpo_lib.params import check_knobs
 import argparse
 import gc
 import hashlib
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from grpo_lib.params import check_knobs
 from grpo_lib import checkpoints, progress
 from grpo_lib.checkpoints import atomic_save_dir, atomic_write_text  # noqa: F401  (re-exported)
 from grpo_lib.policies.base import FrozenReference, select_trainable  # noqa: F401  (re-exported)

@@ -31,7 +31,6 @@ checked headless (tests, papermill) where a ``with output:`` block would capture
 """
 from __future__ import annotations
 
-from grpo_lib.params import check_knobs
 import io
 import json
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from grpo_lib.params import check_knobs
 from .checkpoints import REPO, Recipe, grpo_recipe, load_policy, repo_path as _path  # noqa: F401  (load_policy: the widget's loader)
 
 BASE_CHECKPOINT = "data/checkpoints/tiny-base"

@@ -13,6 +13,11 @@ only its one-line difference. Bases chain; a file that reaches itself again is a
 Schemas live next to the code they configure (``grpo_lib.train.GRPOParams``, ...); ``SCHEMAS``
 maps a notebook / script name to its schema so that a params file ``params/<name>__<exp>.yaml``
 can be validated knowing only its file name.
+
+Sampling / training knobs (``num_steps``, ``noise_level``, ``shift``, ``lr``, ...) are range-checked by one
+shared rule each (``KNOB_RULES``, applied by ``check_knobs(self)`` in every schema), so a knob has the same
+rule and message everywhere; the math that consumes it (``grpo_lib.sde``, ``grpo_lib.grpo``) checks it once
+more. A range error raised while ``load_params`` builds a schema ends with ``(from <file | --set>)``.
 """
 from __future__ import annotations
 

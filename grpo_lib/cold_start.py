@@ -60,6 +60,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from grpo_lib.params import check_knobs
 from . import checkpoints, progress
 from .checkpoints import atomic_save_dir, atomic_write_text
 from .flow_matching import WEIGHTINGS, flow_matching_loss, sample_timesteps
@@ -125,14 +126,15 @@ class ColdStartParams:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={self.weighting!r} is not one of {WEIGHTINGS}")
         check_convention(self.convention)
-        for name in ("lora_rank", "lora_alpha", "steps", "batch_size", "grad_accum", "checkpoint_every",
-                     "eval_prompts_per_count", "eval_images_per_prompt", "eval_num_steps", "eval_batch_size"):
+        check_knobs(self)
+        for name in ("steps", "grad_accum", "checkpoint_every",
+                     "eval_prompts_per_count", "eval_images_per_prompt", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("lr_warmup_steps", "resolution", "num_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        for name in ("lr", "logit_std", "timestep_shift", "eval_shift"):
+        for name in ("logit_std", "timestep_shift", "eval_shift"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         for name in ("max_grad_norm", "time_budget_minutes", "weight_decay", "eval_guidance_scale"):

@@ -35,6 +35,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from grpo_lib.params import check_knob
+
 __all__ = ["CURRICULA", "row_count", "spread_probability", "CountCurriculum"]
 
 CURRICULA = ("none", "spread")
@@ -68,8 +70,7 @@ class CountCurriculum:
         self.counts = np.asarray(counts, dtype=np.int64)                                 # (num_prompts,)
         if self.counts.ndim != 1 or self.counts.size == 0:
             raise ValueError(f"counts must be a non-empty 1-D sequence, got shape {self.counts.shape}")
-        if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 2:
-            raise ValueError(f"group_size={group_size!r} must be an integer >= 2")
+        check_knob("group_size", group_size)
         if not floor > 0:
             raise ValueError(f"curriculum floor={floor} must be > 0: a count with p_N in {{0, 1}} would get "
                              "weight 0, never be drawn again, and so never update")

@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from grpo_lib.params import check_knobs
 from .sde import check_convention, sde_step_with_logprob
 
 
@@ -55,14 +56,15 @@ class DerivationParams:
     n_plot: int = 1000                        # points per panel in the samples plot
 
     def __post_init__(self):
-        for name in ("n_points", "num_steps", "n_plot"):
+        check_knobs(self)
+        for name in ("n_points", "n_plot"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
         if self.n_samples < 10:
             raise ValueError(f"n_samples={self.n_samples!r} is too few for a two-sample statistic; expected >= 10")
         if self.null_repeats < 3:
             raise ValueError(f"null_repeats={self.null_repeats!r} cannot give a null std; expected >= 3")
-        for name in ("identity_atol", "step_rtol", "chain_rtol", "shift", "tol_sd"):
+        for name in ("identity_atol", "step_rtol", "chain_rtol", "tol_sd"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
         if not self.noise_levels or any(a < 0 for a in self.noise_levels):

@@ -39,6 +39,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from grpo_lib.params import check_knobs
+
 Z95 = 1.959963984540054
 
 # --- statistics -------------------------------------------------------------------------------
@@ -452,7 +454,8 @@ class EvalParams:
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"source={self.source!r} is not one of {SOURCES}")
-        for k in ("images_per_prompt", "num_steps", "batch_size", "grid_per_count"):
+        check_knobs(self)
+        for k in ("images_per_prompt", "grid_per_count"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k}={getattr(self, k)} must be >= 1")
         if self.max_prompts < 0:

@@ -13,6 +13,11 @@ only its one-line difference. Bases chain; a file that reaches itself again is a
 Schemas live next to the code they configure (``grpo_lib.train.GRPOParams``, ...); ``SCHEMAS``
 maps a notebook / script name to its schema so that a params file ``params/<name>__<exp>.yaml``
 can be validated knowing only its file name.
+
+Sampling / training knobs (``num_steps``, ``noise_level``, ``shift``, ``lr``, ...) are range-checked by one
+shared rule each (``KNOB_RULES``, applied by ``check_knobs(self)`` in every schema), so a knob has the same
+rule and message everywhere; the math that consumes it (``grpo_lib.sde``, ``grpo_lib.grpo``) checks it once
+more. A range error raised while ``load_params`` builds a schema ends with ``(from <file | --set>)``.
 """
 from __future__ import annotations
 
@@ -37,6 +42,71 @@ SCHEMAS: dict[str, str] = {
     "05_sample_efficiency": "grpo_lib.study:StudyParams",
     "pretrain": "grpo_lib.pretrain:PretrainParams",
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared knob rules: each sampling / training knob has ONE rule and ONE message, applied by every
+# params dataclass that has the field (``check_knobs(self)`` in its __post_init__). The math that
+# consumes a knob (sde.py's step, grpo.py's loss, ...) checks it once more; nothing in between does.
+# ---------------------------------------------------------------------------------------------
+# name -> (kind, low, low_open, high, high_open); kind "int" needs an int (not bool), "float" a finite number
+KNOB_RULES: dict[str, tuple[str, float | None, bool, float | None, bool]] = {
+    "num_steps": ("int", 1, False, None, False),
+    "eval_num_steps": ("int", 1, False, None, False),
+    "group_size": ("int", 2, False, None, False),        # a group of one image has no spread (std = 0)
+    "batch_size": ("int", 1, False, None, False),
+    "lora_rank": ("int", 1, False, None, False),
+    "noise_level": ("float", 0, False, None, False),     # 0 = ODE; GRPOParams tightens to > 0 (see train.py)
+    "shift": ("float", 0, True, None, False),
+    "guidance_scale": ("float", 0, False, None, False),  # 1 = no CFG
+    "clip_range": ("float", 0, True, None, False),
+    "adv_clip_max": ("float", 0, True, None, False),
+    "beta": ("float", 0, False, None, False),
+    "lr": ("float", 0, True, None, False),
+    "lora_alpha": ("float", 0, True, None, False),
+    "ema_decay": ("float", 0, False, 1, True),           # 0 = off; 1 would never move
+}
+
+
+def knob_expectation(name: str, **override) -> str:
+    """The text 'a finite float > 0' etc. for knob ``name`` (``override`` replaces rule fields)."""
+    kind, lo, lo_open, hi, hi_open = {**dict(zip(("kind", "low", "low_open", "high", "high_open"),
+                                                 KNOB_RULES[name])), **override}.values()
+    what = "an int" if kind == "int" else "a finite float"
+    if lo is not None and hi is not None:
+        return f"{what} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{what} {'>' if lo_open else '>='} {lo}"
+    return what
+
+
+def check_knob(name: str, value: Any, *, why: str = "", **override) -> None:
+    """Raise ``ValueError('<name>=<value> must be <expected>')`` unless ``value`` obeys ``KNOB_RULES[name]``.
+
+    ``override`` (kind / low / low_open / high / high_open) states a params-level difference of purpose
+    through the same rule, e.g. GRPO's ``noise_level`` needs ``low_open=True`` (stochastic steps).
+    """
+    import math
+    import numbers
+    kind, lo, lo_open, hi, hi_open = {**dict(zip(("kind", "low", "low_open", "high", "high_open"),
+                                                 KNOB_RULES[name])), **override}.values()
+    ok = not isinstance(value, bool) and (
+        isinstance(value, numbers.Integral) if kind == "int"
+        else isinstance(value, numbers.Real) and math.isfinite(value))
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        # the message starts with "<name>=" so load_params can say where the value came from
+        raise ValueError(f"{name}={value!r} must be {knob_expectation(name, **override)}{why}")
+
+
+def check_knobs(obj: Any, **overrides: dict[str, Any]) -> None:
+    """Apply ``check_knob`` to every field of ``obj`` named in ``KNOB_RULES`` (``overrides[name]`` per knob)."""
+    for f in dataclasses.fields(obj):
+        if f.name in KNOB_RULES:
+            check_knob(f.name, getattr(obj, f.name), **overrides.get(f.name, {}))
 
 
 def schema_for(name: str) -> type:
@@ -150,7 +220,13 @@ def load_params(source: str | Path | Mapping[str, Any] | None, schema: type | No
             raise ValueError(f"parameter {k}={v!r} in {origin[k]} has type {type(v).__name__}, "
                              f"expected {hints[k]}")
         values[k] = _coerce(v, hints[k])
-    return schema(**values)
+    try:
+        return schema(**values)
+    except ValueError as e:   # a range check naming one key ("<key>=..."): add where that key came from
+        key = str(e).split("=", 1)[0]
+        if key in origin:
+            raise ValueError(f"{e} (from {origin[key]})") from e
+        raise
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

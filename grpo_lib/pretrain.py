@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from grpo_lib.params import check_knobs
+
 
 @dataclass
 class PretrainParams:
@@ -74,16 +76,17 @@ class PretrainParams:
     text_layers: int = 2                         # text transformer layers
 
     def __post_init__(self):
-        for name in ("pool_size", "batch_size", "max_steps", "log_every", "checkpoint_every", "num_threads",
+        check_knobs(self)
+        for name in ("pool_size", "max_steps", "log_every", "checkpoint_every", "num_threads",
                      "layers_per_block", "text_dim", "text_layers", "max_count"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
-        for name in ("lr", "time_budget_minutes", "logit_std"):
+        for name in ("time_budget_minutes", "logit_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("caption_dropout", "min_lr_ratio", "ema_decay"):
+        for name in ("caption_dropout", "min_lr_ratio"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
         if self.grad_clip < 0:

@@ -210,12 +210,7 @@ def sample_trajectories(policy, prompts: Sequence[str] | None = None, *, cond: C
         store_means: also keep each stored step's mean mu_old (GRPO-Guard needs it; memory = latents).
         progress: a tqdm bar over the steps.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"num_steps={num_steps!r} must be a positive int")
-    if sde_type not in SDE_TYPES:
-        raise ValueError(f"sde_type={sde_type!r} is not one of {SDE_TYPES}")
-    if not noise_level >= 0:
-        raise ValueError(f"noise_level={noise_level!r} must be >= 0")
+    # sde_type / noise_level: checked by sde_step_with_logprob at the first SDE step (window is never empty)
     convention = check_convention(policy.convention)
     window = _check_window(window, num_steps)
     cond, prompts = _resolve_cond(policy, prompts, cond)
@@ -277,8 +272,6 @@ def sample_images(policy, prompts: Sequence[str] | None = None, *, cond: Cond | 
     Nothing per step is stored. Returns ``(final_latents (B, C, H, W) float32, uint8 images or None)``.
     The generator only draws the initial noise.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"num_steps={num_steps!r} must be a positive int")
     convention = check_convention(policy.convention)
     cond, _ = _resolve_cond(policy, prompts, cond)
     batch, device = len(cond), policy.device

@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from grpo_lib.params import check_knobs
 from .checkpoints import Recipe, RunLayout, repo_path
 
 
@@ -159,7 +160,8 @@ class StudyParams:
         for name, over in self.runs.items():
             if not isinstance(over, dict):
                 raise ValueError(f"runs[{name!r}]={over!r} must be a mapping of GRPO params overrides")
-        for name in ("parallel", "images_per_prompt", "num_steps", "grid_prompts"):
+        check_knobs(self)
+        for name in ("parallel", "images_per_prompt", "grid_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not all(0 < t <= 1 for t in self.thresholds):

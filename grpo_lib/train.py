@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from grpo_lib.params import check_knobs
 from grpo_lib import checkpoints, progress
 from grpo_lib.checkpoints import atomic_save_dir, atomic_write_text  # noqa: F401  (re-exported)
 from grpo_lib.policies.base import FrozenReference, select_trainable  # noqa: F401  (re-exported)
@@ -139,7 +140,11 @@ class GRPOParams:
                              "(parameters whose names match the regex, e.g. 'pattern:diffusion')")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of ('no', 'fp16', 'bf16')")
-        for name in ("num_steps", "eval_num_steps", "group_size", "batch_size", "batches_per_epoch",
+        # noise_level > 0 only for objective grpo (stochastic steps); nft / awm train on ODE rollouts (0 allowed)
+        check_knobs(self, noise_level=dict(low_open=True, why=" (objective grpo needs stochastic steps; nft / awm "
+                                                           "train on ODE rollouts)")
+                    if self.objective == "grpo" else {})
+        for name in ("batches_per_epoch",
                      "updates_per_epoch", "num_epochs", "eval_every", "save_every", "eval_max_prompts",
                      "final_images_per_prompt", "eval_images_per_prompt", "num_processes"):
             if getattr(self, name) < 1:
@@ -152,16 +157,11 @@ class GRPOParams:
             raise ValueError(f"reward_server_retries={self.reward_server_retries!r} must be an integer >= 0")
         if not self.reward_server_timeout_s > 0:
             raise ValueError(f"reward_server_timeout_s={self.reward_server_timeout_s} must be > 0")
-        if self.noise_level < 0:
-            raise ValueError(f"noise_level={self.noise_level} must be >= 0")
         from grpo_lib.objectives import AWM_WEIGHTINGS, OBJECTIVES
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r} is not one of {OBJECTIVES}")
         if self.awm_weighting not in AWM_WEIGHTINGS:
             raise ValueError(f"awm_weighting={self.awm_weighting!r} is not one of {AWM_WEIGHTINGS}")
-        if self.objective == "grpo" and self.noise_level == 0:
-            raise ValueError("noise_level=0 makes every step deterministic: GRPO needs stochastic steps "
-                             "(objective nft / awm train on ODE rollouts)")
         if not 1 <= self.train_timesteps <= self.num_steps:
             raise ValueError(f"train_timesteps={self.train_timesteps} must be in [1, num_steps={self.num_steps}]")
         if self.nft_beta <= 0:
@@ -171,8 +171,6 @@ class GRPOParams:
                              f"{self.anchor_max_decay} in [0, 1) and anchor_beta={self.anchor_beta} >= 0")
         if not 0 < self.awm_p <= 1:
             raise ValueError(f"awm_p={self.awm_p} must be in (0, 1]")
-        if self.clip_range <= 0:
-            raise ValueError(f"clip_range={self.clip_range} must be > 0")
         if self.dynamic_max_rounds < 1:
             raise ValueError(f"dynamic_max_rounds={self.dynamic_max_rounds} must be >= 1")
         if self.curriculum not in ("none", "spread"):

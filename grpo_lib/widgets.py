@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from grpo_lib.params import check_knobs
 from .checkpoints import REPO, Recipe, grpo_recipe, load_policy, repo_path as _path  # noqa: F401  (load_policy: the widget's loader)
 
 BASE_CHECKPOINT = "data/checkpoints/tiny-base"
@@ -68,15 +69,10 @@ class PreviewParams:
     def __post_init__(self):
         if not isinstance(self.prompt, str):
             raise ValueError(f"prompt={self.prompt!r} must be a string")
-        for name, lo in (("num_images", 1), ("num_steps", 1), ("cell_px", 32), ("num_threads", 1)):
+        check_knobs(self)   # noise_level 0 = ODE preview is allowed here (shared rule: >= 0)
+        for name, lo in (("num_images", 1), ("cell_px", 32), ("num_threads", 1)):
             if getattr(self, name) < lo:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {lo}")
-        if not self.noise_level >= 0:
-            raise ValueError(f"noise_level={self.noise_level} must be >= 0 (0 = ODE)")
-        if not self.guidance_scale >= 0:
-            raise ValueError(f"guidance_scale={self.guidance_scale} must be >= 0")
-        if not self.shift > 0:
-            raise ValueError(f"shift={self.shift} must be > 0")
 
 
 # ---------------------------------------------------------------------------------------------

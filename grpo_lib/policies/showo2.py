@@ -299,17 +299,15 @@ def validate_showo2_settings(noise_level: float, num_steps: int, timestep_strate
     """
     from grpo_lib.grpo import batches_per_epoch_from_groups, check_batch_arithmetic, select_timesteps
 
-    if isinstance(noise_level, bool) or not isinstance(noise_level, (int, float)) or not math.isfinite(noise_level) \
-            or noise_level <= 0:
-        raise ValueError(f"noise_level={noise_level!r} must be a finite float > 0 (GRPO needs stochastic steps)")
+    from grpo_lib.params import check_knob
+    # the shared params rules (GRPOParams applies the same ones): one message per knob
+    check_knob("noise_level", noise_level, low_open=True, why=" (GRPO needs stochastic steps)")
     lo, hi = NOISE_LEVEL_RANGE
     if not lo <= noise_level <= hi:
         warnings.warn(f"noise_level={noise_level} is outside [{lo}, {hi}], the range in which the Show-o2 write-up "
                       "found its SDE samples still clean; expect degraded images", ShowO2SettingsWarning, stacklevel=2)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"num_steps={num_steps!r} must be a positive int")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr={lr!r} must be a finite float > 0")
+    check_knob("num_steps", num_steps)
+    check_knob("lr", lr)
     # select_timesteps validates the strategy name and that steps remain (drop_ends needs N >= 3)
     try:
         steps = select_timesteps(timestep_strategy, int(num_steps), 1)[0]

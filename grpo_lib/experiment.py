@@ -27,6 +27,18 @@ from grpo_lib.train import GRPOParams, GRPOTrainer, test_seed
 QUALITY_KEYS = ("confidence", "shape_match", "background_fidelity", "area_quality")
 
 
+def quality_means(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per named per-image table: the mean of each quality measure it has."""
+    return pd.DataFrame({s: {k: float(t[k].mean()) for k in QUALITY_KEYS if k in t} for s, t in tables.items()}).T
+
+
+def quality_change(means: pd.DataFrame, ref: pd.Series) -> tuple[pd.DataFrame, pd.Series]:
+    """Relative change of every measure against ``ref``, (m - ref) / |ref|, and each row's worst drop
+    max(0, -min change): the quality guard passes while the worst drop is <= ``guard_max_drop``."""
+    rel = (means - ref) / ref.abs().clip(lower=1e-8)
+    return rel, (-rel).max(axis=1).clip(lower=0.0)
+
+
 class CountingExperiment:
     def __init__(self, params: GRPOParams, *, reward_fn=None):
         if params.world != "embedded":
@@ -148,15 +160,13 @@ class CountingExperiment:
         """Mean quality measures per stage, their relative change against the renderer's images, and
         against the stage GRPO started from (cold start, else base): the guard is that GRPO loses no
         more than ``guard_max_drop`` (5 %) of any measure relative to its start."""
-        t = self.tables[which]
-        means = pd.DataFrame({s: {k: float(t[s][k].mean()) for k in QUALITY_KEYS if k in t[s]} for s in t}).T
+        means = quality_means(self.tables[which])
         out = means.copy()
         for ref_name in ("renderer", self.stages()[-2]):
-            ref = means.loc[ref_name]
-            rel = (means - ref) / ref.abs().clip(lower=1e-8)
+            rel, worst = quality_change(means, means.loc[ref_name])
             tag = "renderer" if ref_name == "renderer" else "start"
             out = out.join(rel.add_suffix(f"_vs_{tag}"))
-            out[f"worst_drop_vs_{tag}"] = (-rel).max(axis=1).clip(lower=0.0)
+            out[f"worst_drop_vs_{tag}"] = worst
         out["guard_pass"] = out["worst_drop_vs_start"] <= self.p.guard_max_drop
         return out
 

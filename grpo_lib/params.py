@@ -68,10 +68,15 @@ KNOB_RULES: dict[str, tuple[str, float | None, bool, float | None, bool]] = {
 }
 
 
+def _rule(name: str, override: dict) -> tuple:
+    """``KNOB_RULES[name]`` with ``override``'s fields (kind / low / low_open / high / high_open) replaced."""
+    fields = ("kind", "low", "low_open", "high", "high_open")
+    return tuple({**dict(zip(fields, KNOB_RULES[name])), **override}.values())
+
+
 def knob_expectation(name: str, **override) -> str:
     """The text 'a finite float > 0' etc. for knob ``name`` (``override`` replaces rule fields)."""
-    kind, lo, lo_open, hi, hi_open = {**dict(zip(("kind", "low", "low_open", "high", "high_open"),
-                                                 KNOB_RULES[name])), **override}.values()
+    kind, lo, lo_open, hi, hi_open = _rule(name, override)
     what = "an int" if kind == "int" else "a finite float"
     if lo is not None and hi is not None:
         return f"{what} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
@@ -88,8 +93,7 @@ def check_knob(name: str, value: Any, *, why: str = "", **override) -> None:
     """
     import math
     import numbers
-    kind, lo, lo_open, hi, hi_open = {**dict(zip(("kind", "low", "low_open", "high", "high_open"),
-                                                 KNOB_RULES[name])), **override}.values()
+    kind, lo, lo_open, hi, hi_open = _rule(name, override)
     ok = not isinstance(value, bool) and (
         isinstance(value, numbers.Integral) if kind == "int"
         else isinstance(value, numbers.Real) and math.isfinite(value))

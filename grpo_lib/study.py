@@ -54,7 +54,6 @@ def cold_start_curve(run_dir: str | Path, *, base: str | Path | None = None, pro
     """One row per cold-start checkpoint: step, minutes trained, exact-count accuracy with its 95 % Wilson
     interval, and counts 7-10's accuracy, on ``images_per_prompt`` ODE images per val prompt. Step 0 is the
     base itself. ``base`` defaults to the cold start's own ``summary.json`` params."""
-
     from .prompts import load_rows
 
     run_dir = Path(run_dir)
@@ -128,7 +127,6 @@ def plot_curve(df: pd.DataFrame, path: str | Path, title: str) -> Path:
     return Path(path)
 
 
-
 # ------------------------------------------------------------------------------------------------
 # notebooks/05_sample_efficiency.ipynb: train (or read) every lever's run from one cold start, then
 # compare them at equal reward calls and at equal training seconds, paired image by image on val.
@@ -177,7 +175,7 @@ def run_command(p: StudyParams, name: str) -> list[str]:
 
 
 def train_runs(p: StudyParams) -> dict[str, Path]:
-    """Train every run whose ``metrics.csv`` does not reach its last epoch yet, ``p.parallel`` at a time
+    """Train every run not finished yet (no ``<run_dir>/<name>.done``), ``p.parallel`` at a time
     (1 torch thread each when there is no GPU); each one's output goes to ``<run_dir>/<name>.log`` and its
     command to ``<run_dir>/<name>.cmd``. A finished run is read, not retrained; a killed one resumes.
     Raises ``RuntimeError`` naming the failed runs with their log's tail."""
@@ -283,7 +281,7 @@ def compare_at_budgets(p: StudyParams, runs: dict[str, Path], curves: pd.DataFra
     ``budget`` is ``reward_calls`` or ``seconds_total`` (``start`` for the cold start), ``budget_value`` its
     limit. Returns (table, per-image tables keyed by (run, budget), the cold start's under ``"start"``)."""
     from .evaluate import paired_difference
-    from .experiment import QUALITY_KEYS
+    from .experiment import quality_change, quality_means
     from .prompts import load_rows, spread_subset
 
     final = curves.sort_values("reward_calls").groupby("run").last()
@@ -305,13 +303,14 @@ def compare_at_budgets(p: StudyParams, runs: dict[str, Path], curves: pd.DataFra
     first = next(iter(runs))
     picks = {(name, col): checkpoint_at(run, col, b) for col, b in budgets.items() for name, run in runs.items()}
     tables = {key: table_of(path / "lora") for key, (path, _) in picks.items()}
-    q_start = {k: float(start[k].mean()) for k in QUALITY_KEYS if k in start}
-    out = [{"budget": "start", "budget_value": float("nan"), "run": "cold_start", **_accuracy(start), **q_start}]
+    means = quality_means({"start": start, **{f"{n}@{c}": t for (n, c), t in tables.items()}})
+    _, worst = quality_change(means, means.loc["start"])
+    out = [{"budget": "start", "budget_value": float("nan"), "run": "cold_start", **_accuracy(start),
+            **means.loc["start"].to_dict()}]
     for (name, col), t in tables.items():
-        q = {k: float(t[k].mean()) for k in q_start}
-        drop = max(0.0, *((q_start[k] - q[k]) / max(abs(q_start[k]), 1e-8) for k in q_start))
-        row = {"budget": col, "budget_value": budgets[col], "run": name, **picks[(name, col)][1], **_accuracy(t), **q,
-               "worst_quality_drop": drop, "guard_pass": drop <= p.guard_max_drop}
+        drop = float(worst.loc[f"{name}@{col}"])
+        row = {"budget": col, "budget_value": budgets[col], "run": name, **picks[(name, col)][1], **_accuracy(t),
+               **means.loc[f"{name}@{col}"].to_dict(), "worst_quality_drop": drop, "guard_pass": drop <= p.guard_max_drop}
         for ref_name, ref in (("cold_start", start), (first, tables[(first, col)])):
             if ref is t:
                 continue
@@ -340,8 +339,6 @@ def plot_curves(curves: pd.DataFrame, path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
-
-
 
 
 def summary_markdown(table: pd.DataFrame) -> str:

@@ -101,7 +101,7 @@ def overall_summary(table: pd.DataFrame) -> dict:
     _require(table, ("target", "found"))
     t, f = _target_found(table["target"], table["found"])
     out = _reduce(t, f)
-    for k in ("confidence", "background_fidelity", "area_quality", "shape_match", "quality"):
+    for k in ("confidence", "background_fidelity", "color_fidelity", "area_quality", "shape_match", "quality"):
         if k in table:
             out[f"mean_{k}"] = float(table[k].mean())
     return out
@@ -185,7 +185,7 @@ def _require(table: pd.DataFrame, cols: Sequence[str]) -> None:
 # --- the per-image table ----------------------------------------------------------------------
 
 TABLE_COLUMNS = ("prompt", "class", "target", "found", "correct", "error", "confidence", "n_specks",
-                 "background_fidelity", "area_quality", "shape_match", "quality")
+                 "background_fidelity", "color_fidelity", "area_quality", "shape_match", "quality")
 
 
 def per_image_table(images: np.ndarray, rows: Sequence[dict], *, detector=None, batch_size: int = 256

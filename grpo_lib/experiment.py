@@ -22,9 +22,9 @@ import pandas as pd
 import torch
 
 from grpo_lib.prompts import spread_subset
+from grpo_lib.rewards.counting import QUALITY_KEYS
 from grpo_lib.train import GRPOParams, GRPOTrainer, test_seed
 
-QUALITY_KEYS = ("confidence", "shape_match", "background_fidelity", "area_quality")
 
 
 def quality_means(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:

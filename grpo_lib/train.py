@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from grpo_lib.params import check_knobs
+from grpo_lib.rewards.counting import QUALITY_KEYS
 from grpo_lib import checkpoints, progress
 from grpo_lib.checkpoints import atomic_save_dir, atomic_write_text  # noqa: F401  (re-exported)
 from grpo_lib.policies.base import FrozenReference, select_trainable  # noqa: F401  (re-exported)
@@ -704,7 +705,7 @@ class GRPOTrainer:
 
     # -- evaluation and the quality guard -----------------------------------------------------
 
-    GUARD_KEYS = ("confidence", "shape_match", "background_fidelity", "area_quality")
+    GUARD_KEYS = QUALITY_KEYS
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:

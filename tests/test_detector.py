@@ -162,3 +162,25 @@ def test_empty_batch_and_bad_settings():
     assert ShapeCounter().detect(np.zeros((0, 32, 32, 3), np.uint8), [], None) == []
     with pytest.raises(ValueError, match="threshold"):
         ShapeCounter(threshold=1.5)
+
+
+def test_color_fidelity_sees_one_object_in_the_wrong_colour():
+    """One purple square of five drawn red: the detector no longer counts it, background_fidelity
+    (over all pixels) barely moves, color_fidelity (over the drawn pixels) drops by exactly that
+    object's share of the drawn pixels."""
+    purple = render_scene(5, "square", "purple", seed=3)
+    red = render_scene(5, "square", "red", seed=3)            # same seed: same boxes, other colour
+    np.testing.assert_array_equal(purple.boxes, red.boxes)
+    img = purple.image.copy()
+    x0, y0, x1, y1 = (int(v) for v in purple.boxes[0])
+    img[y0:y1 + 1, x0:x1 + 1] = red.image[y0:y1 + 1, x0:x1 + 1]
+    drawn = np.linalg.norm(purple.image.astype(np.float32) - np.array(BACKGROUND, np.float32), axis=-1) > 45
+    in_box = np.zeros_like(drawn)
+    in_box[y0:y1 + 1, x0:x1 + 1] = True
+    clean, drifted = ShapeCounter().detect(np.stack([purple.image, img]), ["purple square"] * 2, [5, 5])
+    assert clean.count == 5 and clean.color_fidelity == 1.0 and clean.background_fidelity == 1.0
+    assert drifted.count == 4
+    assert drifted.color_fidelity == pytest.approx((drawn & ~in_box).sum() / drawn.sum(), abs=1e-9)
+    assert drifted.color_fidelity < 0.9 and drifted.background_fidelity > 0.97
+    blank = np.full((1, 32, 32, 3), BACKGROUND, np.uint8)     # nothing drawn: nothing in a wrong colour
+    assert ShapeCounter().detect(blank, ["purple square"], [5])[0].color_fidelity == 1.0

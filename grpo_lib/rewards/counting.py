@@ -59,8 +59,10 @@ import numpy as np
 from grpo_lib.rewards.detector import ShapeCounter, area_quality, check_images
 from grpo_lib.scenes import MAX_COUNT, parse_class
 
+# the quality guard's measures (relative drop against the start; grpo_lib.experiment, GRPOTrainer.evaluate)
+QUALITY_KEYS = ("confidence", "shape_match", "background_fidelity", "color_fidelity", "area_quality")
 MEASURE_KEYS = ("target", "count", "correct", "error", "confidence", "n_detections", "n_specks",
-                "background_fidelity", "area_quality", "shape_match", "quality")
+                "background_fidelity", "color_fidelity", "area_quality", "shape_match", "quality")
 
 
 def check_batch(images, prompts, metadata) -> tuple[np.ndarray, list[str], list[int]]:
@@ -109,6 +111,7 @@ def measure_counting(images, prompts, metadata, detector: ShapeCounter | None = 
     | confidence            | mean score of the counted detections (0 if none)                   |
     | n_detections, n_specks| blobs of the class colour (soft area >= 0.5 px); of them uncounted |
     | background_fidelity   | share of background / class-colour pixels (detector)                |
+    | color_fidelity        | share of the drawn pixels in the class colour (detector)           |
     | area_quality          | mean area_quality over those blobs (1 if there are none)           |
     | shape_match           | mean probability of the requested shape over counted objects (1 if none) |
     | quality               | g_bg * g_area * g_shape (module docstring)                         |
@@ -132,6 +135,7 @@ def measure_counting(images, prompts, metadata, detector: ShapeCounter | None = 
         out["n_detections"][i] = int(blobs.sum())
         out["n_specks"][i] = int((blobs & ~kept).sum())
         out["background_fidelity"][i] = d.background_fidelity
+        out["color_fidelity"][i] = d.color_fidelity
         shape = parse_class(classes[i])[1]
         out["area_quality"][i] = (float(area_quality(d.areas[blobs], shape, targets[i] or None, (H, W)).mean())
                                   if blobs.any() else 1.0)

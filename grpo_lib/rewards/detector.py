@@ -196,6 +196,7 @@ class Detections:
     shape_scores: np.ndarray        # (n, 3) probability of circle, square, triangle (shape_probabilities)
     shape_match: np.ndarray         # (n,) probability of the requested shape
     background_fidelity: float
+    color_fidelity: float = 1.0     # share of the drawn (non-background) pixels in the class colour
     threshold: float = 0.9
     max_objects: int = 50
     area_ref: float = float("nan")  # A_ref used for the completeness rule (px)
@@ -280,7 +281,8 @@ class ShapeCounter:
         else:
             split_from = np.zeros(n_lab + 1, bool)
         fidelity = background_fidelity(x, c_world)
-        return self._measure(labels, n_lab, alpha, ok, classes, shapes, refs, fidelity, split_from)
+        colour = color_fidelity(x, c_world)
+        return self._measure(labels, n_lab, alpha, ok, classes, shapes, refs, fidelity, colour, split_from)
 
     # ---- step 1: colour evidence ----
 
@@ -418,7 +420,7 @@ class ShapeCounter:
 
     # ---- steps 4-5: measurements ----
 
-    def _measure(self, labels, n_lab, alpha, ok, classes, shapes, refs, fidelity, split_from) -> list[Detections]:
+    def _measure(self, labels, n_lab, alpha, ok, classes, shapes, refs, fidelity, colour, split_from) -> list[Detections]:
         B, H, W = labels.shape
         # soft area: alpha summed over the object and a 1-pixel rim (blur moves mass outward);
         # rim pixels go to the neighbouring label with the largest id (ties are rare and tiny)
@@ -470,7 +472,8 @@ class ShapeCounter:
                 areas=soft[labs][order].astype(np.float32),
                 fill=(core_area[labs] / np.maximum(bbox_px, 1))[order].astype(np.float32),
                 shape_scores=prob[order].astype(np.float32), shape_match=prob[order, k].astype(np.float32),
-                background_fidelity=float(fidelity[b]), threshold=self.threshold,
+                background_fidelity=float(fidelity[b]), color_fidelity=float(colour[b]),
+                threshold=self.threshold,
                 max_objects=self.max_objects, area_ref=ref))
         return out
 
@@ -557,6 +560,15 @@ def _two_means(pts: np.ndarray, iters: int = 10) -> np.ndarray:
     return assign
 
 
+def _segment_distance(x: np.ndarray, c_world: np.ndarray) -> np.ndarray:
+    """Distance (0-255 units) of every pixel from the segment ``BACKGROUND`` -> class colour, (B, H, W)."""
+    bg = np.asarray(BACKGROUND, np.float32)
+    d = c_world - bg                                                                   # (B, 3)
+    v = x - bg                                                                         # (B, H, W, 3)
+    t = np.clip(np.einsum("bhwc,bc->bhw", v, d) / (d * d).sum(-1)[:, None, None], 0.0, 1.0)
+    return np.linalg.norm(v - t[..., None] * d[:, None, None, :], axis=-1)
+
+
 def background_fidelity(x: np.ndarray, c_world: np.ndarray, tol: float = 45.0) -> np.ndarray:
     """Share of pixels explained by the world's background, the class colour, or a blend (B,).
 
@@ -564,9 +576,18 @@ def background_fidelity(x: np.ndarray, c_world: np.ndarray, tol: float = 45.0) -
     ``BACKGROUND`` to the class colour (blur and noise stay well inside; a teal background, a
     foreign colour or a texture do not).
     """
-    bg = np.asarray(BACKGROUND, np.float32)
-    d = c_world - bg                                                                   # (B, 3)
-    v = x - bg                                                                         # (B, H, W, 3)
-    t = np.clip(np.einsum("bhwc,bc->bhw", v, d) / (d * d).sum(-1)[:, None, None], 0.0, 1.0)
-    r = np.linalg.norm(v - t[..., None] * d[:, None, None, :], axis=-1)
-    return (r < tol).mean((1, 2))
+    return (_segment_distance(x, c_world) < tol).mean((1, 2))
+
+
+def color_fidelity(x: np.ndarray, c_world: np.ndarray, tol: float = 45.0) -> np.ndarray:
+    """Share of the *drawn* pixels (farther than ``tol`` from ``BACKGROUND``) that the class colour or its
+    blend with the background explains (B,); 1 for an image with nothing drawn.
+
+    :func:`background_fidelity` divides by every pixel, so one object of five drawn in the wrong colour
+    (about 2 % of a 32x32 image) barely moves it; here it costs about 1/5. This is the measure that
+    sees a colour drift (a purple square drawn red) in the quality guard.
+    """
+    drawn = np.linalg.norm(x - np.asarray(BACKGROUND, np.float32), axis=-1) > tol           # (B, H, W)
+    explained = (_segment_distance(x, c_world) < tol) & drawn
+    n = drawn.sum((1, 2))
+    return np.where(n > 0, explained.sum((1, 2)) / np.maximum(n, 1), 1.0)

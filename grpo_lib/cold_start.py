@@ -70,6 +70,21 @@ from .train import _flat_allreduce_mean
 
 WORLDS = ("embedded", "sd3")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(step: int, lr: float, warmup_steps: int, total_steps: int, schedule: str = "constant") -> float:
+    r"""The lr of optimizer step ``step`` (0-based):
+
+        warmup (k < W):  lr (k + 1) / W
+        constant:        lr
+        cosine:          lr (1 + cos(pi (k - W) / (S - W))) / 2      (lr at k = W, 0 at k = S)
+    """
+    if warmup_steps and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +104,7 @@ class ColdStartParams:
     lora_alpha: int = 8                                # LoRA alpha (scale alpha / r)
     lr: float = 1e-3                                   # AdamW learning rate
     lr_warmup_steps: int = 20                          # linear warmup steps
+    lr_schedule: str = "constant"                      # after warmup: constant | cosine (to 0 at ``steps``)
     weight_decay: float = 1e-4                         # AdamW weight decay
     steps: int = 400                                   # optimizer steps
     batch_size: int = 32                               # samples per micro-batch per process
@@ -123,6 +139,8 @@ class ColdStartParams:
             raise ValueError(f"world={self.world!r} is not one of {WORLDS}")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of {MIXED_PRECISIONS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not one of {LR_SCHEDULES}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={self.weighting!r} is not one of {WEIGHTINGS}")
         check_convention(self.convention)
@@ -380,7 +398,7 @@ class ColdStart:
             if p.time_budget_minutes and self.elapsed > 60.0 * p.time_budget_minutes:
                 self._log(f"time budget of {p.time_budget_minutes} min reached at step {self.step}")
                 break
-            lr = p.lr * min(1.0, (self.step + 1) / p.lr_warmup_steps) if p.lr_warmup_steps else p.lr
+            lr = learning_rate(self.step, p.lr, p.lr_warmup_steps, p.steps, p.lr_schedule)
             for g in self.opt.param_groups:
                 g["lr"] = lr
             losses, grad_norm = [], float("nan")

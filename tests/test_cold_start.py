@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from grpo_lib.cold_start import ColdStart, ColdStartParams, select_eval_rows
+from grpo_lib.cold_start import ColdStart, ColdStartParams, learning_rate, select_eval_rows
 from grpo_lib.params import load_params
 
 torch.set_num_threads(1)
@@ -104,7 +104,19 @@ def test_select_eval_rows_spreads_over_each_count(repo):
     assert sel[9] == first4[0] and sel[11] == first4[-1]               # first, middle, last of the count's rows
 
 
+def test_learning_rate_warmup_then_constant_or_cosine():
+    assert [learning_rate(k, 1.0, 4, 12) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = [learning_rate(k, 2.0, 4, 12, "cosine") for k in range(14)]
+    assert cosine[:4] == [0.5, 1.0, 1.5, 2.0]                                 # the same warmup
+    assert cosine[4:9] == pytest.approx([2.0, 2.0 * (1 + np.cos(np.pi / 8)) / 2, 1.0 + np.cos(np.pi / 4),
+                                         2.0 * (1 + np.cos(3 * np.pi / 8)) / 2, 1.0])   # half way (k = 8): lr / 2
+    assert cosine[12:] == pytest.approx([0.0, 0.0], abs=1e-12)                # 0 at steps and after
+    assert learning_rate(3, 1.0, 0, 10, "cosine") == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.3)))
+
+
 def test_bad_params_name_the_value(tiny_base, tmp_path):
+    with pytest.raises(ValueError, match="lr_schedule='linear' is not one of"):
+        ColdStartParams(lr_schedule="linear")
     with pytest.raises(ValueError, match="world='flux'"):
         ColdStartParams(world="flux")
     with pytest.raises(ValueError, match="image_folder is empty"):

@@ -91,7 +91,8 @@ class GRPOParams:
     group_size: int = 8                                    # images per prompt (G)
     batch_size: int = 16                                   # images per process per sampling batch
     batches_per_epoch: int = 4                             # sampling batches per epoch
-    updates_per_epoch: int = 2                             # optimizer steps per epoch (upstream: 2)
+    updates_per_epoch: int = 2                             # optimizer steps per pass over the epoch's rollouts (upstream: 2)
+    inner_epochs: int = 1                                  # passes over each epoch's rollouts (upstream num_inner_epochs: 1)
     num_epochs: int = 10                                   # GRPO epochs
     lr: float = 1e-4                                       # AdamW learning rate
     weight_decay: float = 1e-4                             # AdamW weight decay
@@ -146,7 +147,7 @@ class GRPOParams:
                                                            "train on ODE rollouts)")
                     if self.objective == "grpo" else {})
         for name in ("batches_per_epoch",
-                     "updates_per_epoch", "num_epochs", "eval_every", "save_every", "eval_max_prompts",
+                     "updates_per_epoch", "inner_epochs", "num_epochs", "eval_every", "save_every", "eval_max_prompts",
                      "final_images_per_prompt", "eval_images_per_prompt", "num_processes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -607,14 +608,15 @@ class GRPOTrainer:
         logs: list[dict] = []
         grad_norms, skipped = [], 0
         self.opt.zero_grad(set_to_none=True)
-        for j, (b, adv, keep) in enumerate(self._bar(list(zip(batches, advs, keeps)), desc=f"epoch {epoch} training")):
+        work = [(inner, j, batch) for inner in range(p.inner_epochs) for j, batch in enumerate(zip(batches, advs, keeps))]
+        for inner, j, (b, adv, keep) in self._bar(work, desc=f"epoch {epoch} training"):
             k_local = int(keep.sum())
             k_global = float(kept_per_batch[j])
             if k_local > 0:
                 sel = keep.nonzero().squeeze(1)
                 sub = b.traj[sel]
                 A = adv[sel].to(self.acc.device)
-                passes = self.objective_passes(epoch, b, sel)
+                passes = self.objective_passes(epoch, b, sel, inner)
                 # mean over the global batch's kept samples: sum_local / (K_global / P)
                 scale = k_local * self.acc.num_processes / k_global / len(passes) / per_update
                 for c, spec in enumerate(passes):
@@ -638,25 +640,27 @@ class GRPOTrainer:
                         self.anchor.step()
                 else:
                     skipped += 1
-                    self._log_event(f"epoch {epoch} update {j // per_update}: non-finite gradient, step skipped")
+                    self._log_event(f"epoch {epoch} pass {inner} update {j // per_update}: non-finite gradient, step skipped")
                 self.opt.zero_grad(set_to_none=True)
         out = self._weighted_mean_over_processes(logs)
         out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
         out["skipped_steps"] = skipped
         return out
 
-    def objective_passes(self, epoch: int, b: EpochBatch, sel: torch.Tensor) -> list:
-        """What each backward pass of a batch's kept samples ``sel`` trains on.
+    def objective_passes(self, epoch: int, b: EpochBatch, sel: torch.Tensor, inner: int = 0) -> list:
+        """What each backward pass of a batch's kept samples ``sel`` trains on in inner epoch ``inner``.
 
         GRPO: one stored SDE step per sample per pass (``timestep_strategy``: ``first_50`` = the noisiest
         half); a window run trains every stored (window) step. NFT / AWM: ``train_timesteps`` noise levels
-        per sample from the rollout grid, each with fresh noise eps; all keyed on the sample's global index.
+        per sample from the rollout grid, each with fresh noise eps; all keyed on the sample's global index
+        (and, after the first, on the inner epoch: every pass over the rollouts draws its own t and eps).
         """
         from grpo_lib.grpo import select_timesteps
         from grpo_lib.objectives import draw_noise_levels
 
         p, dev = self.p, self.acc.device
-        gens = self._generators(epoch, b.global_index[sel.cpu()], "timesteps")
+        tag = f"/inner{inner}" if inner else ""      # inner epoch 0 keeps the single-pass streams
+        gens = self._generators(epoch, b.global_index[sel.cpu()], "timesteps" + tag)
         if p.objective == "grpo":
             traj = b.traj
             T_stored = traj.log_probs.shape[1]
@@ -670,7 +674,7 @@ class GRPOTrainer:
         passes = []
         for c in range(p.train_timesteps):
             eps = torch.stack([torch.randn(shape, generator=g) for g in
-                               self._generators(epoch, b.global_index[sel.cpu()], f"eps{c}")])
+                               self._generators(epoch, b.global_index[sel.cpu()], f"eps{c}{tag}")])
             passes.append((t[:, c].to(dev), eps.to(dev)))
         return passes
 

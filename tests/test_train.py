@@ -44,6 +44,28 @@ def test_fit_writes_metrics_checkpoints_and_moves_reward(tmp_path):
     assert hist[-1]["reward_mean"] > hist[1]["reward_mean"]
 
 
+@pytest.mark.parametrize("objective", ["grpo", "awm"])
+def test_inner_epochs_take_that_many_passes_over_the_same_rollouts(tmp_path, objective):
+    """inner_epochs=2: the same rollouts (reward calls unchanged), twice the optimizer steps, and the second
+    pass moves the weights further than the single-pass run's one update."""
+    kw = dict(num_epochs=1, eval_prompts="", objective=objective, lr=1e-3,
+              **({"awm_weighting": "uniform"} if objective == "awm" else {}))
+    runs = {}
+    for inner in (1, 2):
+        t = GRPOTrainer(small_params(tmp_path / f"i{inner}", inner_epochs=inner, **kw), policy=tiny_policy(),
+                        reward_fn=brightness_reward)
+        start = _params_of(t.policy).clone()
+        hist = t.fit()
+        t.close()
+        steps = {int(st["step"]) for st in t.opt.state.values()}
+        runs[inner] = (hist[-1], steps, _params_of(t.policy) - start)
+    (h1, steps1, d1), (h2, steps2, d2) = runs[1], runs[2]
+    assert steps1 == {1} and steps2 == {2}                  # 1 update per pass (updates_per_epoch=1)
+    assert h2["reward_calls"] == h1["reward_calls"] == 16   # 2 batches of 8: no new rollouts
+    assert d1.abs().max() > 0 and (d2 - d1).abs().max() > 0
+    assert d2.norm() > d1.norm()
+
+
 def test_rollout_quality_is_logged_every_epoch(tmp_path):
     def reward_with_quality(images, prompts, rows):
         r, info = brightness_reward(images, prompts, rows)
@@ -200,8 +222,9 @@ def test_two_processes_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_each_new_sampler(tmp_path):
-    # issue 12: dynamic sampling (refill rounds) and the count curriculum (weighted draws from gathered
-    # statistics) split over 2 processes give 1 process's losses, weights, rounds and reward calls
+    # issue 12: dynamic sampling (refill rounds), the count curriculum (weighted draws from gathered
+    # statistics) and inner epochs (2 passes over one epoch's rollouts, AWM) split over 2 processes give
+    # 1 process's losses, weights, rounds and reward calls
     # one epoch of dynamic sampling holds its refills (seed 5: 1 of epoch 0's 4 first-round groups asks for an odd
     # count, so 3 more spread groups must come from refills; the plan depends on data/counting/train.jsonl); the curriculum
     # needs 2 (epoch 1 is its first weighted draw). Its rollouts are nearly on-policy, so the loss's gradient is
@@ -209,10 +232,12 @@ def test_two_processes_match_one_process_with_each_new_sampler(tmp_path):
     # 1e-5 tolerance on the weights still means something (sampling itself must agree exactly, asserted below)
     runs = (("dynamic", {"dynamic_sampling": True, "dynamic_max_rounds": 3, "num_epochs": 1, "seed": 5},
              "odd_count_reward"),
-            ("curriculum", {"curriculum": "spread", "curriculum_floor": 0.1, "lr": 1e-3}, "odd_count_reward"))
+            ("curriculum", {"curriculum": "spread", "curriculum_floor": 0.1, "lr": 1e-3}, "odd_count_reward"),
+            ("awm_inner2", {"objective": "awm", "awm_weighting": "uniform", "inner_epochs": 2, "lr": 1e-3,
+                            "num_epochs": 1}, "brightness_reward"))
     one = _launch(tmp_path, 1, "one", runs)
     two = _launch(tmp_path, 2, "two", runs)
-    for name in ("dynamic", "curriculum"):
+    for name in ("dynamic", "curriculum", "awm_inner2"):
         for key in ("loss", "approx_kl", "params"):
             np.testing.assert_allclose(two[name][key], one[name][key], atol=1e-5, rtol=0, err_msg=f"{name} {key}")
         assert two[name]["reward_calls"] == one[name]["reward_calls"]

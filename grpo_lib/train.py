@@ -104,6 +104,7 @@ class GRPOParams:
     ratio_norm: bool = False                               # GRPO-Guard RatioNorm
     objective: str = "grpo"                                # grpo | nft (DiffusionNFT) | awm (Advantage Weighted Matching)
     train_timesteps: int = 4                               # nft / awm: noise levels per sample per epoch (rollout grid)
+    group_shared_noise: bool = False                       # nft / awm: one draw of (t, eps) per group, not per sample
     nft_beta: float = 1.0                                  # nft: beta of v+- (1/beta = guidance strength)
     anchor_rate: float = 0.001                             # nft / awm anchor: eta_k = min(rate * k, anchor_max_decay)
     anchor_max_decay: float = 0.5                          # nft (old policy): 0.5; awm (KL-EMA): 0.3
@@ -654,14 +655,20 @@ class GRPOTrainer:
         half); a window run trains every stored (window) step. NFT / AWM: ``train_timesteps`` noise levels
         per sample from the rollout grid, each with fresh noise eps; all keyed on the sample's global index
         (and, after the first, on the inner epoch: every pass over the rollouts draws its own t and eps).
+
+        ``group_shared_noise``: the samples of a group share their draws of t and eps (common random numbers,
+        keyed on the group id). The estimate stays unbiased (each sample's (t, eps) has the same law), but as
+        the advantages of a group sum to 0, the part of grad FM_i that depends only on (t, eps, prompt)
+        cancels inside the group instead of adding noise; what is left is the difference between the
+        group's clean images, at high t roughly grad of (sum_i A_i x0_i)^T v_theta.
         """
         from grpo_lib.grpo import select_timesteps
         from grpo_lib.objectives import draw_noise_levels
 
         p, dev = self.p, self.acc.device
         tag = f"/inner{inner}" if inner else ""      # inner epoch 0 keeps the single-pass streams
-        gens = self._generators(epoch, b.global_index[sel.cpu()], "timesteps" + tag)
         if p.objective == "grpo":
+            gens = self._generators(epoch, b.global_index[sel.cpu()], "timesteps" + tag)
             traj = b.traj
             T_stored = traj.log_probs.shape[1]
             if traj.window is not None:   # the window never holds the sharp last step (rollout.sde_window)
@@ -669,12 +676,16 @@ class GRPOTrainer:
             else:
                 cols = torch.cat([select_timesteps(p.timestep_strategy, T_stored, 1, generator=g) for g in gens])
             return [cols[:, c].to(dev) for c in range(cols.shape[1])]                  # each (K,)
+        keys, prefix = b.global_index[sel.cpu()], ""
+        if p.group_shared_noise:
+            keys, prefix = b.group_ids[sel.cpu()], "group/"
+        gens = self._generators(epoch, keys, prefix + "timesteps" + tag)
         t = torch.stack([draw_noise_levels(p.num_steps, p.shift, p.train_timesteps, g) for g in gens])  # (K, T)
         shape = tuple(b.traj.final_latents.shape[1:])
         passes = []
         for c in range(p.train_timesteps):
             eps = torch.stack([torch.randn(shape, generator=g) for g in
-                               self._generators(epoch, b.global_index[sel.cpu()], f"eps{c}{tag}")])
+                               self._generators(epoch, keys, f"{prefix}eps{c}{tag}")])
             passes.append((t[:, c].to(dev), eps.to(dev)))
         return passes
 

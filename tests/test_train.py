@@ -66,6 +66,31 @@ def test_inner_epochs_take_that_many_passes_over_the_same_rollouts(tmp_path, obj
     assert d2.norm() > d1.norm()
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_group_shared_noise_gives_a_group_one_draw_of_t_and_eps(tmp_path, shared):
+    t = GRPOTrainer(small_params(tmp_path / "g", objective="awm", awm_weighting="uniform", train_timesteps=2,
+                                 group_shared_noise=shared, eval_prompts=""),
+                    policy=tiny_policy(), reward_fn=brightness_reward)
+    b = t.sample_epoch(0)[0]
+    t.close()
+    sel = torch.arange(len(b.group_ids))
+    passes = t.objective_passes(0, b, sel)
+    assert len(passes) == 2
+    gid = b.group_ids                                       # the sampler spreads 2 x 4 groups of 4 over 2 batches
+    pairs = [g for g in set(gid.tolist()) if int((gid == g).sum()) >= 2]
+    assert len(pairs) >= 2
+    for levels, eps in passes:
+        for g in pairs:
+            members = (gid == g).nonzero().squeeze(1)
+            same_t = bool((levels[members] == levels[members[0]]).all())
+            same_eps = bool((eps[members] == eps[members[0]]).all())
+            # per-sample draws of t from the 10-level grid may coincide by chance; eps never does
+            assert (same_t and same_eps) if shared else not same_eps, (g, same_t, same_eps)
+        first = [(gid == g).nonzero()[0, 0] for g in pairs]
+        assert not torch.equal(eps[first[0]], eps[first[1]])      # groups draw apart
+    assert not torch.equal(passes[0][1], passes[1][1])           # and every pass draws anew
+
+
 def test_rollout_quality_is_logged_every_epoch(tmp_path):
     def reward_with_quality(images, prompts, rows):
         r, info = brightness_reward(images, prompts, rows)
@@ -223,7 +248,8 @@ def test_two_processes_match_one_process(tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_each_new_sampler(tmp_path):
     # issue 12: dynamic sampling (refill rounds), the count curriculum (weighted draws from gathered
-    # statistics) and inner epochs (2 passes over one epoch's rollouts, AWM) split over 2 processes give
+    # statistics) and inner epochs (2 passes over one epoch's rollouts, AWM, noise shared per group) split
+    # over 2 processes give
     # 1 process's losses, weights, rounds and reward calls
     # one epoch of dynamic sampling holds its refills (seed 5: 1 of epoch 0's 4 first-round groups asks for an odd
     # count, so 3 more spread groups must come from refills; the plan depends on data/counting/train.jsonl); the curriculum
@@ -234,7 +260,7 @@ def test_two_processes_match_one_process_with_each_new_sampler(tmp_path):
              "odd_count_reward"),
             ("curriculum", {"curriculum": "spread", "curriculum_floor": 0.1, "lr": 1e-3}, "odd_count_reward"),
             ("awm_inner2", {"objective": "awm", "awm_weighting": "uniform", "inner_epochs": 2, "lr": 1e-3,
-                            "num_epochs": 1}, "brightness_reward"))
+                            "num_epochs": 1, "group_shared_noise": True}, "brightness_reward"))
     one = _launch(tmp_path, 1, "one", runs)
     two = _launch(tmp_path, 2, "two", runs)
     for name in ("dynamic", "curriculum", "awm_inner2"):

@@ -31,7 +31,7 @@ def epoch_gradients(t, batches, advs, keeps, kept, repeats: int) -> torch.Tensor
     grads = []
     for r in range(repeats):
         t.opt.zero_grad(set_to_none=True)
-        for j, (b, adv, keep) in enumerate(zip(batches, advs, keeps)):
+        for b, adv, keep in zip(batches, advs, keeps):
             sel = keep.nonzero().squeeze(1)
             if len(sel) == 0:
                 continue

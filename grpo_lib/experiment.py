@@ -26,7 +26,6 @@ from grpo_lib.rewards.counting import QUALITY_KEYS
 from grpo_lib.train import GRPOParams, GRPOTrainer, test_seed
 
 
-
 def quality_means(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per named per-image table: the mean of each quality measure it has."""
     return pd.DataFrame({s: {k: float(t[k].mean()) for k in QUALITY_KEYS if k in t} for s, t in tables.items()}).T

@@ -532,7 +532,7 @@ class GRPOTrainer:
         infos = [b.rewards[1] for b in batches]
         # the quality guard's measures on this epoch's rollouts, logged every epoch (the held-out guard
         # only runs every eval_every epochs): a reward bought with degrading images shows at once
-        for key in self.GUARD_KEYS:
+        for key in QUALITY_KEYS:
             if key in infos[0]:
                 vals = torch.as_tensor(np.concatenate([np.asarray(inf[key], np.float32) for inf in infos]))
                 stats[f"rollout_{key}"] = float(self.acc.gather(vals.to(self.acc.device)).mean())
@@ -720,8 +720,6 @@ class GRPOTrainer:
 
     # -- evaluation and the quality guard -----------------------------------------------------
 
-    GUARD_KEYS = QUALITY_KEYS
-
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
         """ODE evaluation on the held-out prompts (fixed seeds, EMA weights if any) + quality guard.
@@ -756,7 +754,7 @@ class GRPOTrainer:
             vals = np.concatenate([np.asarray(inf[key]) for inf in infos])
             if vals.dtype.kind in "fiub" and vals.ndim == 1:
                 out[f"eval_{key}"] = self._gather_mean(vals.astype(np.float32))
-        guard = {k: out[f"eval_{k}"] for k in self.GUARD_KEYS if f"eval_{k}" in out}
+        guard = {k: out[f"eval_{k}"] for k in QUALITY_KEYS if f"eval_{k}" in out}
         if self.guard_reference is None:
             self.guard_reference = guard
         drops = {k: (self.guard_reference[k] - v) / max(abs(self.guard_reference[k]), 1e-8)

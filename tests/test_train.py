@@ -249,8 +249,7 @@ def test_two_processes_match_one_process(tmp_path):
 def test_two_processes_match_one_process_with_each_new_sampler(tmp_path):
     # issue 12: dynamic sampling (refill rounds), the count curriculum (weighted draws from gathered
     # statistics) and inner epochs (2 passes over one epoch's rollouts, AWM, noise shared per group) split
-    # over 2 processes give
-    # 1 process's losses, weights, rounds and reward calls
+    # over 2 processes give 1 process's losses, weights, rounds and reward calls
     # one epoch of dynamic sampling holds its refills (seed 5: 1 of epoch 0's 4 first-round groups asks for an odd
     # count, so 3 more spread groups must come from refills; the plan depends on data/counting/train.jsonl); the curriculum
     # needs 2 (epoch 1 is its first weighted draw). Its rollouts are nearly on-policy, so the loss's gradient is

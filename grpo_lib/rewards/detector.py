@@ -280,8 +280,7 @@ class ShapeCounter:
             labels, n_lab, split_from = self._split_merged(labels, n_lab, shapes, refs)
         else:
             split_from = np.zeros(n_lab + 1, bool)
-        fidelity = background_fidelity(x, c_world)
-        colour = color_fidelity(x, c_world)
+        fidelity, colour = pixel_fidelities(x, c_world)
         return self._measure(labels, n_lab, alpha, ok, classes, shapes, refs, fidelity, colour, split_from)
 
     # ---- step 1: colour evidence ----
@@ -569,25 +568,21 @@ def _segment_distance(x: np.ndarray, c_world: np.ndarray) -> np.ndarray:
     return np.linalg.norm(v - t[..., None] * d[:, None, None, :], axis=-1)
 
 
-def background_fidelity(x: np.ndarray, c_world: np.ndarray, tol: float = 45.0) -> np.ndarray:
-    """Share of pixels explained by the world's background, the class colour, or a blend (B,).
+def pixel_fidelities(x: np.ndarray, c_world: np.ndarray, tol: float = 45.0) -> tuple[np.ndarray, np.ndarray]:
+    """(background_fidelity, color_fidelity), each (B,), from one distance per pixel to the segment
+    ``BACKGROUND`` -> class colour; a pixel within ``tol`` (0-255 units) of it is *explained*.
 
-    A pixel is explained if it lies within ``tol`` (0-255 units) of the segment from
-    ``BACKGROUND`` to the class colour (blur and noise stay well inside; a teal background, a
-    foreign colour or a texture do not).
+        background_fidelity = explained pixels / all pixels
+        color_fidelity      = explained drawn pixels / drawn pixels   (drawn: farther than ``tol`` from
+                              ``BACKGROUND``; 1 for an image with nothing drawn)
+
+    Blur and noise stay well inside the segment; a teal background, a foreign colour or a texture do not.
+    ``background_fidelity`` divides by every pixel, so one object of five drawn in the wrong colour (about 2 %
+    of a 32x32 image) barely moves it; ``color_fidelity`` loses about 1/5: it is the measure that sees a
+    colour drift (a purple square drawn red) in the quality guard.
     """
-    return (_segment_distance(x, c_world) < tol).mean((1, 2))
-
-
-def color_fidelity(x: np.ndarray, c_world: np.ndarray, tol: float = 45.0) -> np.ndarray:
-    """Share of the *drawn* pixels (farther than ``tol`` from ``BACKGROUND``) that the class colour or its
-    blend with the background explains (B,); 1 for an image with nothing drawn.
-
-    :func:`background_fidelity` divides by every pixel, so one object of five drawn in the wrong colour
-    (about 2 % of a 32x32 image) barely moves it; here it costs about 1/5. This is the measure that
-    sees a colour drift (a purple square drawn red) in the quality guard.
-    """
+    explained = _segment_distance(x, c_world) < tol                                        # (B, H, W)
     drawn = np.linalg.norm(x - np.asarray(BACKGROUND, np.float32), axis=-1) > tol           # (B, H, W)
-    explained = (_segment_distance(x, c_world) < tol) & drawn
     n = drawn.sum((1, 2))
-    return np.where(n > 0, explained.sum((1, 2)) / np.maximum(n, 1), 1.0)
+    colour = np.where(n > 0, (explained & drawn).sum((1, 2)) / np.maximum(n, 1), 1.0)
+    return explained.mean((1, 2)), colour

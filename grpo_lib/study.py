@@ -24,17 +24,29 @@ from grpo_lib.params import check_knobs
 from .checkpoints import Recipe, RunLayout, repo_path
 
 
-def _val_table(recipe, rows, *, images_per_prompt: int, num_steps: int, shift: float = 1.0,
-               guidance_scale: float = 1.0, seed: int = 0, progress: bool = False) -> pd.DataFrame:
-    """Per-image table of ``recipe``'s policy on ``rows`` (ODE, the val noise seeds ``train.selection_seed``)."""
+SPLITS = {"val": "data/counting/val.jsonl", "test": "data/counting/test.jsonl"}
+
+
+def _split_seed(split: str, seed: int) -> int:
+    """Noise seed of a split's images: val uses the checkpoint-selection seeds, test the final evaluation's
+    (``train.test_seed``), which nothing else draws from."""
+    from .train import selection_seed, test_seed
+
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {sorted(SPLITS)}")
+    return selection_seed(seed) if split == "val" else test_seed(seed)
+
+
+def _split_table(recipe, rows, *, images_per_prompt: int, num_steps: int, shift: float = 1.0,
+               guidance_scale: float = 1.0, seed: int = 0, split: str = "val", progress: bool = False) -> pd.DataFrame:
+    """Per-image table of ``recipe``'s policy on ``rows`` (ODE, the ``split``'s noise seeds)."""
     from .checkpoints import load_policy
     from .evaluate import per_image_table
     from .rollout import sample_for_rows
-    from .train import selection_seed
 
     images, flat = sample_for_rows(load_policy(recipe), rows, images_per_prompt=images_per_prompt,
                                    num_steps=num_steps, shift=shift, guidance_scale=guidance_scale,
-                                   seed=selection_seed(seed), progress=progress)
+                                   seed=_split_seed(split, seed), progress=progress)
     return per_image_table(images, flat)
 
 
@@ -68,7 +80,7 @@ def cold_start_curve(run_dir: str | Path, *, base: str | Path | None = None, pro
     rows = load_rows(prompts)
     out = []
     for path in ([None] + steps):
-        table = _val_table(Recipe(base=base, lora=None if path is None else path / "lora"), rows,
+        table = _split_table(Recipe(base=base, lora=None if path is None else path / "lora"), rows,
                            images_per_prompt=images_per_prompt, num_steps=num_steps, shift=shift,
                            guidance_scale=guidance_scale, seed=seed, progress=progress)
         step = 0 if path is None else int(path.name.split("_")[1])
@@ -82,16 +94,25 @@ def cold_start_curve(run_dir: str | Path, *, base: str | Path | None = None, pro
     return pd.DataFrame(out)
 
 
-def compare_on_val(stages: dict[str, "Recipe"], *, prompts: str = "data/counting/val.jsonl",
-                   images_per_prompt: int = 2, num_steps: int = 20, seed: int = 0) -> pd.DataFrame:
-    """Exact-count accuracy of each named policy recipe on the val prompts (same noise per image for all),
-    and each one's paired change against the first (``evaluate.paired_difference``: difference, 95 %
-    interval, images gained / lost, McNemar p)."""
+def compare_paired(stages: dict[str, "Recipe"], *, prompts: str | None = None, split: str = "val",
+                   images_per_prompt: int = 2, num_steps: int = 20, seed: int = 0,
+                   versus: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Exact-count accuracy of each named policy recipe on one split (same noise per image for all), and each
+    one's paired change against the first and against every stage named in ``versus``
+    (``evaluate.paired_difference``: difference, 95 % interval, images gained / lost, McNemar p).
+
+    ``split="val"`` is for choosing; ``split="test"`` (test prompts, the final evaluation's noise seeds) is for
+    the final figure only. ``prompts`` overrides the split's file (the noise seeds stay the split's)."""
     from .evaluate import paired_difference
     from .prompts import load_rows
 
-    rows = load_rows(prompts)
-    tables = {name: _val_table(recipe, rows, images_per_prompt=images_per_prompt, num_steps=num_steps, seed=seed)
+    missing = [v for v in versus if v not in stages]
+    if missing:
+        raise ValueError(f"versus={missing} names no stage; stages are {list(stages)}")
+    _split_seed(split, seed)                                   # names a bad split before any sampling
+    rows = load_rows(prompts or SPLITS[split])
+    tables = {name: _split_table(recipe, rows, images_per_prompt=images_per_prompt, num_steps=num_steps, seed=seed,
+                               split=split)
               for name, recipe in stages.items()}
     first = next(iter(tables))
     out = []
@@ -99,10 +120,11 @@ def compare_on_val(stages: dict[str, "Recipe"], *, prompts: str = "data/counting
         acc = _accuracy(t)
         row = {"stage": name, **acc,
                "shape_match": float(t["shape_match"].mean()) if "shape_match" in t else float("nan")}
-        if name != first:
-            d = paired_difference(tables[first], t)
-            row.update({f"vs_{first}_{k}": v for k, v in d.items() if k in ("diff", "ci_low", "ci_high", "gained",
-                                                                           "lost", "p_value")})
+        for ref in dict.fromkeys((first, *versus)):
+            if name != ref:
+                d = paired_difference(tables[ref], t)
+                row.update({f"vs_{ref}_{k}": v for k, v in d.items() if k in ("diff", "ci_low", "ci_high", "gained",
+                                                                             "lost", "p_value")})
         out.append(row)
         print(f"[study] {name}: {acc['accuracy']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]", flush=True)
     return pd.DataFrame(out)
@@ -295,7 +317,7 @@ def compare_at_budgets(p: StudyParams, runs: dict[str, Path], curves: pd.DataFra
 
     def table_of(lora):
         if lora not in cache:
-            cache[lora] = _val_table(Recipe(base=base, merges=merges, lora=lora), rows,
+            cache[lora] = _split_table(Recipe(base=base, merges=merges, lora=lora), rows,
                                      images_per_prompt=p.images_per_prompt, num_steps=p.num_steps, seed=p.seed)
         return cache[lora]
 
@@ -398,10 +420,17 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default="results/study")
     c.add_argument("--images-per-prompt", type=int, default=2)
     c.add_argument("--every", type=int, default=1, help="evaluate every k-th checkpoint")
-    m = sub.add_parser("compare", help="paired val accuracy of a cold start and GRPO/NFT/AWM checkpoints on it")
+    m = sub.add_parser("compare", help="paired accuracy of a cold start, GRPO/NFT/AWM checkpoints on it, and "
+                                       "other LoRAs on the base (a longer cold start: the control)")
     m.add_argument("--base", default="data/checkpoints/tiny-base")
     m.add_argument("--cold-start", required=True, help="the cold-start LoRA every checkpoint sits on")
-    m.add_argument("checkpoints", nargs="+", metavar="NAME=CHECKPOINT_DIR")
+    m.add_argument("checkpoints", nargs="*", metavar="NAME=CHECKPOINT_DIR")
+    m.add_argument("--on-base", nargs="*", default=[], metavar="NAME=LORA_DIR",
+                   help="LoRAs that sit on the base itself, e.g. the cold start trained for the same total minutes")
+    m.add_argument("--split", choices=sorted(SPLITS), default="val",
+                   help="val (choosing) or test (the final figure only: test prompts, test noise seeds)")
+    m.add_argument("--versus", nargs="*", default=[], metavar="NAME",
+                   help="also pair every stage against these stages (the first stage is always a reference)")
     m.add_argument("--out", default="results/study/compare.csv")
     m.add_argument("--images-per-prompt", type=int, default=2)
     args = ap.parse_args(argv)
@@ -409,10 +438,14 @@ def main(argv: list[str] | None = None) -> int:
 
         base, cs = repo_path(args.base), repo_path(args.cold_start)
         stages = {"cold_start": Recipe(base=base, merges=(cs,))}
-        for item in args.checkpoints:
-            name, _, path = item.partition("=")
-            stages[name] = Recipe(base=base, merges=(cs,), lora=Path(path) / "lora")
-        df = compare_on_val(stages, images_per_prompt=args.images_per_prompt)
+        for item in args.checkpoints + args.on_base:
+            name, sep, path = item.partition("=")
+            if not sep or not name or name in stages:
+                raise SystemExit(f"{item!r}: expected NAME=PATH with a new NAME (taken: {list(stages)})")
+            stages[name] = (Recipe(base=base, merges=(cs,), lora=Path(path) / "lora") if item in args.checkpoints
+                            else Recipe(base=base, lora=repo_path(path)))
+        df = compare_paired(stages, split=args.split, images_per_prompt=args.images_per_prompt,
+                            versus=tuple(args.versus))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.out, index=False)
         print(df.round(4).to_string(index=False))

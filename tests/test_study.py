@@ -36,9 +36,9 @@ def test_cold_start_curve_rows_and_base_point(tiny_base, tmp_path, repo):
     assert df["accuracy"].iloc[0] == per_image_table(images, flat)["correct"].mean()
 
 
-def test_compare_on_val_pairs_every_stage_with_the_first(tiny_base, tmp_path, repo):
+def test_compare_paired_pairs_every_stage_with_the_first(tiny_base, tmp_path, repo):
     from grpo_lib.checkpoints import Recipe
-    from grpo_lib.study import compare_on_val
+    from grpo_lib.study import compare_paired
 
     torch.set_num_threads(1)
     run = tmp_path / "run"
@@ -47,7 +47,7 @@ def test_compare_on_val_pairs_every_stage_with_the_first(tiny_base, tmp_path, re
     prompts = tmp_path / "rows.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     lora = run / "cold_start" / "checkpoints" / "step_000004" / "lora"
-    df = compare_on_val({"base": Recipe(base=tiny_base), "same": Recipe(base=tiny_base),
+    df = compare_paired({"base": Recipe(base=tiny_base), "same": Recipe(base=tiny_base),
                          "tuned": Recipe(base=tiny_base, lora=lora)}, prompts=str(prompts), num_steps=3)
     assert list(df["stage"]) == ["base", "same", "tuned"] and (df["n_images"] == 20).all()
     same = df.iloc[1]
@@ -55,6 +55,33 @@ def test_compare_on_val_pairs_every_stage_with_the_first(tiny_base, tmp_path, re
     tuned = df.iloc[2]
     assert tuned["vs_base_diff"] == tuned["accuracy"] - df.iloc[0]["accuracy"]
     assert tuned["vs_base_gained"] - tuned["vs_base_lost"] == round(20 * tuned["vs_base_diff"])
+
+
+def test_compare_paired_on_test_uses_the_test_seeds_and_pairs_versus(tiny_base, tmp_path, repo):
+    """split="test" draws the final evaluation's noise (train.test_seed), so its figures are the ones notebook
+    02's final table gives the same checkpoint; ``versus`` adds a second reference to every row."""
+    from grpo_lib.checkpoints import Recipe
+    from grpo_lib.study import compare_paired
+    from grpo_lib.train import test_seed
+
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    ColdStart(_params(tiny_base, run, lr=5e-2)).train()
+    rows = load_rows(repo / "data" / "counting" / "test.jsonl")[::53]           # one prompt per count
+    prompts = tmp_path / "rows.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lora = run / "cold_start" / "checkpoints" / "step_000004" / "lora"
+    df = compare_paired({"base": Recipe(base=tiny_base), "tuned": Recipe(base=tiny_base, lora=lora)},
+                        prompts=str(prompts), split="test", num_steps=3, versus=("tuned",))
+    base = TinyPolicy.from_pretrained(tiny_base).eval()
+    images, flat = sample_for_rows(base, rows, images_per_prompt=2, num_steps=3, seed=test_seed(0))
+    assert df["accuracy"].iloc[0] == per_image_table(images, flat)["correct"].mean()
+    assert df.iloc[0]["vs_tuned_diff"] == -df.iloc[1]["vs_base_diff"]
+    assert df.iloc[0]["vs_tuned_gained"] == df.iloc[1]["vs_base_lost"]
+    with pytest.raises(ValueError, match="split='train' is not one of"):
+        compare_paired({"base": Recipe(base=tiny_base)}, split="train")
+    with pytest.raises(ValueError, match=r"versus=\['nope'\] names no stage"):
+        compare_paired({"base": Recipe(base=tiny_base)}, versus=("nope",))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -64,27 +64,13 @@ from grpo_lib.params import check_knobs
 from . import checkpoints, progress
 from .checkpoints import atomic_save_dir, atomic_write_text
 from .flow_matching import WEIGHTINGS, flow_matching_loss, sample_timesteps
+from .lr_schedule import LR_SCHEDULES, learning_rate
 from .sde import draw_noise
 from .seeding import sample_seed
 from .train import _flat_allreduce_mean
 
 WORLDS = ("embedded", "sd3")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def learning_rate(step: int, lr: float, warmup_steps: int, total_steps: int, schedule: str = "constant") -> float:
-    r"""The lr of optimizer step ``step`` (0-based):
-
-        warmup (k < W):  lr (k + 1) / W
-        constant:        lr
-        cosine:          lr (1 + cos(pi (k - W) / (S - W))) / 2      (lr at k = W, 0 at k = S)
-    """
-    if warmup_steps and step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if schedule == "constant" or total_steps <= warmup_steps:
-        return lr
-    return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))))
 
 
 # ---------------------------------------------------------------------------------------------

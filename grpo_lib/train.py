@@ -95,6 +95,8 @@ class GRPOParams:
     inner_epochs: int = 1                                  # passes over each epoch's rollouts (upstream num_inner_epochs: 1)
     num_epochs: int = 10                                   # GRPO epochs
     lr: float = 1e-4                                       # AdamW learning rate
+    lr_schedule: str = "constant"                          # per epoch: constant | cosine (to 0 at lr_decay_epochs)
+    lr_decay_epochs: int = 0                               # cosine: epochs to reach lr 0 (0 = num_epochs)
     weight_decay: float = 1e-4                             # AdamW weight decay
     beta: float = 0.01                                     # KL weight
     kl_convention: str = "paper"                           # paper | upstream (see grpo_lib.sde.step_kl)
@@ -174,6 +176,11 @@ class GRPOParams:
                              f"{self.anchor_max_decay} in [0, 1) and anchor_beta={self.anchor_beta} >= 0")
         if not 0 < self.awm_p <= 1:
             raise ValueError(f"awm_p={self.awm_p} must be in (0, 1]")
+        from grpo_lib.lr_schedule import LR_SCHEDULES
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+        if self.lr_decay_epochs < 0:
+            raise ValueError(f"lr_decay_epochs={self.lr_decay_epochs} must be >= 0 (0 means num_epochs)")
         if self.dynamic_max_rounds < 1:
             raise ValueError(f"dynamic_max_rounds={self.dynamic_max_rounds} must be >= 1")
         if self.curriculum not in ("none", "spread"):
@@ -608,6 +615,9 @@ class GRPOTrainer:
         per_update = len(batches) // p.updates_per_epoch
         logs: list[dict] = []
         grad_norms, skipped = [], 0
+        lr = self.epoch_lr(epoch)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         work = [(inner, j, batch) for inner in range(p.inner_epochs) for j, batch in enumerate(zip(batches, advs, keeps))]
         for inner, j, (b, adv, keep) in self._bar(work, desc=f"epoch {epoch} training"):
@@ -646,7 +656,17 @@ class GRPOTrainer:
         out = self._weighted_mean_over_processes(logs)
         out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
         out["skipped_steps"] = skipped
+        out["lr"] = lr
         return out
+
+    def epoch_lr(self, epoch: int) -> float:
+        """The lr of every update of (0-based) ``epoch``: ``lr_schedule`` over ``lr_decay_epochs`` (or
+        ``num_epochs``) epochs, no warmup (``grpo_lib.lr_schedule``). A function of the epoch alone, so a
+        resumed run and every process use the same value."""
+        from grpo_lib.lr_schedule import learning_rate
+
+        p = self.p
+        return learning_rate(epoch, p.lr, 0, p.lr_decay_epochs or p.num_epochs, p.lr_schedule)
 
     def objective_passes(self, epoch: int, b: EpochBatch, sel: torch.Tensor, inner: int = 0) -> list:
         """What each backward pass of a batch's kept samples ``sel`` trains on in inner epoch ``inner``.

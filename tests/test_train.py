@@ -103,6 +103,32 @@ def test_rollout_quality_is_logged_every_epoch(tmp_path):
         assert h["rollout_shape_match"] == pytest.approx(h["reward_mean"], abs=1e-6)
 
 
+def test_cosine_lr_schedule_sets_each_epochs_lr_and_resumes_on_it(tmp_path):
+    """lr_schedule cosine over lr_decay_epochs=4: epoch e trains at lr (1 + cos(pi e / 4)) / 2, the value is in
+    the optimizer and in metrics.csv, and a run resumed at epoch 2 continues on the same schedule."""
+    kw = dict(lr=1e-2, lr_schedule="cosine", lr_decay_epochs=4, eval_prompts="")
+    full = tiny_policy()
+    run(small_params(tmp_path / "full", num_epochs=3, **kw), policy=full, reward_fn=brightness_reward)
+    expected = [1e-2 * 0.5 * (1 + np.cos(np.pi * e / 4)) for e in range(3)]
+    df = pd.read_csv(tmp_path / "full" / "metrics.csv")
+    assert df["lr"].tolist() == pytest.approx(expected, rel=1e-12)
+    assert expected[0] == 1e-2 and expected[2] == pytest.approx(5e-3)
+    part = tiny_policy()
+    run(small_params(tmp_path / "part", num_epochs=2, **kw), policy=part, reward_fn=brightness_reward)
+    resumed = tiny_policy()
+    t = GRPOTrainer(small_params(tmp_path / "part", num_epochs=3, resume=True, **kw), policy=resumed,
+                    reward_fn=brightness_reward)
+    t.fit()
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(expected[2], rel=1e-12)
+    t.close()
+    assert torch.equal(_params_of(full), _params_of(resumed))
+    assert GRPOTrainer.epoch_lr(t, 7) == 0.0                      # past lr_decay_epochs: held at 0
+    with pytest.raises(ValueError, match="lr_schedule='linear' is not one of"):
+        GRPOParams(lr_schedule="linear")
+    with pytest.raises(ValueError, match="lr_decay_epochs=-1 must be >= 0"):
+        GRPOParams(lr_decay_epochs=-1)
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     full = tiny_policy()
     run(small_params(tmp_path / "full", num_epochs=2), policy=full, reward_fn=brightness_reward)

@@ -145,7 +145,7 @@ def test_nft_loss_algebra():
         v = v_old.clone().requires_grad_(True)
         loss, _ = nft_loss(v, v_old, None, x_t, x0, t, r, nft_beta=1.0)
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         grads.append(v.grad.clone())
     assert losses[0] == pytest.approx(losses[1]) == pytest.approx(losses[2])
     torch.testing.assert_close(grads[0], -grads[1])

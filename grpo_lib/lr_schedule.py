@@ -1,8 +1,5 @@
-r"""Learning-rate schedules shared by the cold start (per optimizer step) and the RL trainer (per epoch).
-
-    warmup (k < W):  lr (k + 1) / W
-    constant:        lr
-    cosine:          lr (1 + cos(pi (k - W) / (S - W))) / 2      (lr at k = W, 0 at k >= S)
+"""Learning-rate schedules shared by the cold start (per optimizer step) and the RL trainer (per epoch):
+:func:`learning_rate` gives the equations.
 
 A decaying lr is the usual answer to a run that peaks and then drifts (the AWM long run, results/long_run/):
 the last epochs move the weights less, so the end of a time budget is not its most aggressive part.

@@ -38,7 +38,7 @@ def _split_seed(split: str, seed: int) -> int:
 
 
 def _split_table(recipe, rows, *, images_per_prompt: int, num_steps: int, shift: float = 1.0,
-               guidance_scale: float = 1.0, seed: int = 0, split: str = "val", progress: bool = False) -> pd.DataFrame:
+                 guidance_scale: float = 1.0, seed: int = 0, split: str = "val", progress: bool = False) -> pd.DataFrame:
     """Per-image table of ``recipe``'s policy on ``rows`` (ODE, the ``split``'s noise seeds)."""
     from .checkpoints import load_policy
     from .evaluate import per_image_table
@@ -81,8 +81,8 @@ def cold_start_curve(run_dir: str | Path, *, base: str | Path | None = None, pro
     out = []
     for path in ([None] + steps):
         table = _split_table(Recipe(base=base, lora=None if path is None else path / "lora"), rows,
-                           images_per_prompt=images_per_prompt, num_steps=num_steps, shift=shift,
-                           guidance_scale=guidance_scale, seed=seed, progress=progress)
+                             images_per_prompt=images_per_prompt, num_steps=num_steps, shift=shift,
+                             guidance_scale=guidance_scale, seed=seed, progress=progress)
         step = 0 if path is None else int(path.name.split("_")[1])
         minutes = 0.0
         if history is not None and step:
@@ -112,7 +112,7 @@ def compare_paired(stages: dict[str, "Recipe"], *, prompts: str | None = None, s
     _split_seed(split, seed)                                   # names a bad split before any sampling
     rows = load_rows(prompts or SPLITS[split])
     tables = {name: _split_table(recipe, rows, images_per_prompt=images_per_prompt, num_steps=num_steps, seed=seed,
-                               split=split)
+                                 split=split)
               for name, recipe in stages.items()}
     first = next(iter(tables))
     out = []
@@ -318,7 +318,7 @@ def compare_at_budgets(p: StudyParams, runs: dict[str, Path], curves: pd.DataFra
     def table_of(lora):
         if lora not in cache:
             cache[lora] = _split_table(Recipe(base=base, merges=merges, lora=lora), rows,
-                                     images_per_prompt=p.images_per_prompt, num_steps=p.num_steps, seed=p.seed)
+                                       images_per_prompt=p.images_per_prompt, num_steps=p.num_steps, seed=p.seed)
         return cache[lora]
 
     start = table_of(None)
@@ -438,12 +438,18 @@ def main(argv: list[str] | None = None) -> int:
 
         base, cs = repo_path(args.base), repo_path(args.cold_start)
         stages = {"cold_start": Recipe(base=base, merges=(cs,))}
-        for item in args.checkpoints + args.on_base:
-            name, sep, path = item.partition("=")
-            if not sep or not name or name in stages:
-                raise SystemExit(f"{item!r}: expected NAME=PATH with a new NAME (taken: {list(stages)})")
-            stages[name] = (Recipe(base=base, merges=(cs,), lora=Path(path) / "lora") if item in args.checkpoints
-                            else Recipe(base=base, lora=repo_path(path)))
+        def on_cold_start(path):                  # a GRPO/NFT/AWM checkpoint dir: its LoRA sits on the cold start
+            return Recipe(base=base, merges=(cs,), lora=Path(path) / "lora")
+
+        def on_base(path):                        # a LoRA dir that sits on the base (a longer cold start)
+            return Recipe(base=base, lora=repo_path(path))
+
+        for items, recipe in ((args.checkpoints, on_cold_start), (args.on_base, on_base)):
+            for item in items:
+                name, sep, path = item.partition("=")
+                if not sep or not name or name in stages:
+                    raise SystemExit(f"{item!r}: expected NAME=PATH with a new NAME (taken: {list(stages)})")
+                stages[name] = recipe(path)
         df = compare_paired(stages, split=args.split, images_per_prompt=args.images_per_prompt,
                             versus=tuple(args.versus))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@
 
 Writes test_per_count.csv/.md (accuracy with 95 % Wilson intervals per count and stage), test_paired.csv (each
 stage against the one before, image by image), test_quality_guard.csv, metrics.csv (the training curve), and
-copies curves.png, accuracy_test.png and the grids.
+copies curves.png, accuracy_test.png and the grids (drop grid_cold_start.png when another results folder already
+holds the same cold start's).
 """
 import argparse
 import json

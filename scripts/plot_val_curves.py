@@ -29,11 +29,10 @@ def main() -> None:
     for item in args.runs:
         label, _, run = item.rpartition("=")
         d = pd.read_csv(Path(run) / "metrics.csv").dropna(subset=["eval_correct"])
-        n = args.images
         for _, x in d.iterrows():
-            lo, hi = wilson_interval(round(x.eval_correct * n), n)
+            lo, hi = wilson_interval(round(x.eval_correct * args.images), args.images)
             rows.append({"run": label, "epoch": int(x.epoch), "val_accuracy": x.eval_correct, "ci_low": lo,
-                         "ci_high": hi, "n_images": n, args.quality: x[f"eval_{args.quality}"],
+                         "ci_high": hi, "n_images": args.images, args.quality: x[f"eval_{args.quality}"],
                          "guard_pass": bool(x.guard_pass)})
     df = pd.DataFrame(rows)
     df.to_csv(f"{args.out}.csv", index=False)

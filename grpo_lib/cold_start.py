@@ -116,6 +116,7 @@ class ColdStartParams:
     reward_server_url: str = ""                        # sd3: counting server for found counts (empty: none)
     save_merged: bool = True                           # also save the base with the LoRA merged in
     num_threads: int = 0                               # torch.set_num_threads (0 leaves it alone)
+    num_processes: int = 1                             # >1: train() runs under accelerate launch (CPU: 1 thread each)
     progress: bool = True                              # tqdm bars
 
     def __post_init__(self):
@@ -131,7 +132,7 @@ class ColdStartParams:
             raise ValueError(f"weighting={self.weighting!r} is not one of {WEIGHTINGS}")
         check_convention(self.convention)
         check_knobs(self)
-        for name in ("steps", "grad_accum", "checkpoint_every",
+        for name in ("steps", "grad_accum", "checkpoint_every", "num_processes",
                      "eval_prompts_per_count", "eval_images_per_prompt", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -295,6 +296,8 @@ class ColdStart:
         self.elapsed = 0.0
         self.history: list[dict] = []
         self.results: dict[str, Any] = {}
+        # processes train() runs on: this run's own, or num_processes launched from a single process
+        self.train_processes = p.num_processes if self.acc.num_processes == 1 else self.acc.num_processes
 
     # -- data ---------------------------------------------------------------------------------
     def batch(self, step: int, micro: int):
@@ -355,7 +358,13 @@ class ColdStart:
         if not latest.is_file():
             self._log(f"resume: true but no checkpoint under {self.ckpt_dir}: starting from scratch")
             return False
-        path = self.ckpt_dir / latest.read_text().strip()
+        path = self.load_checkpoint()
+        self._log(f"resumed from {path.name} (step {self.step}, {self.elapsed / 60:.1f} min trained)")
+        return True
+
+    def load_checkpoint(self) -> Path:
+        """Load ``checkpoints/latest`` (LoRA, optimizer, step, elapsed time, history) into this run."""
+        path = self.ckpt_dir / (self.ckpt_dir / "latest").read_text().strip()
         state = checkpoints.load_state(path / "state.pt")
         if len(state["trainable"]) != len(self.params_list) or any(
                 s.shape != q.shape for s, q in zip(state["trainable"], self.params_list)):
@@ -366,15 +375,20 @@ class ColdStart:
                 q.copy_(v.to(q.device))
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.elapsed, self.history = state["step"], state["elapsed"], state["history"]
-        self._log(f"resumed from {path.name} (step {self.step}, {self.elapsed / 60:.1f} min trained)")
-        return True
+        return path
 
     # -- training -----------------------------------------------------------------------------
     def train(self) -> list[dict]:
-        """Run (or resume) the LoRA finetuning up to ``steps`` optimizer steps or the time budget."""
+        """Run (or resume) the LoRA finetuning up to ``steps`` optimizer steps or the time budget.
+
+        With ``num_processes > 1`` in a single process (a notebook), the training runs under
+        ``accelerate launch`` (:meth:`train_launched`) and its last checkpoint is loaded back here.
+        """
         from tqdm.auto import tqdm
 
         p, acc = self.p, self.acc
+        if p.num_processes > 1 and acc.num_processes == 1:
+            return self.train_launched()
         self.maybe_resume()
         bar = tqdm(total=p.steps, initial=self.step, desc="cold start", leave=True,
                    disable=not (p.progress and acc.is_main_process))
@@ -420,6 +434,25 @@ class ColdStart:
         if self.step != last_saved or not (self.ckpt_dir / "latest").is_file():
             self.save_checkpoint()
         acc.wait_for_everyone()
+        return self.history
+
+    def train_launched(self) -> list[dict]:
+        """:meth:`train` on ``num_processes`` processes: ``accelerate launch -m grpo_lib.cold_start
+        <out>/cold_start_params.yaml --train-only``, then the last checkpoint loaded into this process.
+        ``batch_size`` is per process, so the global batch is ``num_processes * batch_size * grad_accum``;
+        each sample's data, noise and time are keyed on its global position, so 2 processes of batch 16
+        train on the same samples as 1 process of batch 32."""
+        import yaml
+
+        from .launch import launch_module
+        from .params import to_dict
+
+        p = self.p
+        cfg = self.out / "cold_start_params.yaml"
+        cfg.write_text(yaml.safe_dump(to_dict(p), sort_keys=False))
+        launch_module("grpo_lib.cold_start", cfg, p.num_processes, mixed_precision=p.mixed_precision,
+                      extra_args=["--train-only"], echo_prefix="[cold_start]")
+        self.load_checkpoint()
         return self.history
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -594,7 +627,7 @@ class ColdStart:
         """
         p, acc = self.p, self.acc
         summary: dict[str, Any] = {"steps": self.step, "train_minutes": round(self.elapsed / 60, 2),
-                                   "samples_seen": self.step * p.grad_accum * p.batch_size * acc.num_processes}
+                                   "samples_seen": self.step * p.grad_accum * p.batch_size * self.train_processes}
         if self.history:
             tail = self.history[-max(1, len(self.history) // 10):]
             summary["first_loss"] = self.history[0]["loss"]
@@ -674,17 +707,30 @@ def run(params: ColdStartParams, **kwargs) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .launch import end_training
     from .params import load_params_with_set
 
     ap = argparse.ArgumentParser(description="Cold start: LoRA flow-matching finetuning on exact-count data")
     ap.add_argument("params", help="params/01_cold_start__<experiment>.yaml")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
                     help="override fields, e.g. --set steps=50 run_dir=runs/x")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train (or resume) and checkpoint only: no evaluation, no lora/ or merged/ "
+                         "(what notebook 01 launches on num_processes processes)")
     args = ap.parse_args(argv)
     params = load_params_with_set(args.params, ColdStartParams, args.set)
-    summary = run(params)
-    print(json.dumps({k: v for k, v in summary.items() if k != "params"}, indent=1))
+    if not args.train_only:
+        summary = run(params)
+        print(json.dumps({k: v for k, v in summary.items() if k != "params"}, indent=1))
+        gc.collect()
+        return 0
+    cs = ColdStart(params)
+    cs.train()
+    acc = cs.acc
+    del cs          # free what holds the process group before it is destroyed
     gc.collect()
+    if acc.num_processes > 1:
+        end_training(acc)
     return 0
 
 

@@ -185,38 +185,17 @@ class CountingExperiment:
 
 
 def launch_training(p: GRPOParams, *, port: int | None = None) -> pd.DataFrame:
-    """Train ``p`` on ``p.num_processes`` processes with ``accelerate launch -m grpo_lib.train``.
-
-    On a machine without CUDA the processes are gloo CPU processes with one torch thread each (the tiny
-    UNet is compute-bound, so a second process is worth more than a second thread); on GPUs, one per
-    device. The launch's output streams to this process's stdout (the per-epoch lines). Raises
-    ``RuntimeError`` with the tail of the output if the launch fails.
-    """
-    import os
-    import subprocess
-    import sys
-
+    """Train ``p`` on ``p.num_processes`` processes with ``accelerate launch -m grpo_lib.train``
+    (:func:`grpo_lib.launch.launch_module`; the per-epoch lines stream here) and return its metrics."""
     import yaml
 
+    from grpo_lib.launch import launch_module
     from grpo_lib.params import to_dict
 
     run_dir = Path(p.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = run_dir / "grpo_params.yaml"
     cfg.write_text(yaml.safe_dump(to_dict(p), sort_keys=False))
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    port = port or 29500 + os.getpid() % 2000
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-           str(p.num_processes), "--num_machines", "1", "--mixed_precision", p.mixed_precision,
-           "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "grpo_lib.train", str(cfg)]
-    tail: list[str] = []
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            tail = (tail + [line])[-40:]
-            if line.startswith("[grpo]"):
-                print(line, end="", flush=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"accelerate launch of {cfg} exited with {proc.returncode}:\n" + "".join(tail))
+    launch_module("grpo_lib.train", cfg, p.num_processes, mixed_precision=p.mixed_precision,
+                  echo_prefix="[grpo]", port=port)
     return pd.read_csv(run_dir / "metrics.csv")

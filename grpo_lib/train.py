@@ -44,6 +44,7 @@ import torch
 from grpo_lib.params import check_knobs
 from grpo_lib.rewards.counting import QUALITY_KEYS
 from grpo_lib import checkpoints, progress
+from grpo_lib.launch import end_training
 from grpo_lib.checkpoints import atomic_save_dir, atomic_write_text  # noqa: F401  (re-exported)
 from grpo_lib.policies.base import FrozenReference, select_trainable  # noqa: F401  (re-exported)
 from grpo_lib.seeding import sample_seed
@@ -931,17 +932,6 @@ def run(params: GRPOParams, **kwargs) -> list[dict]:
         return trainer.fit()
     finally:
         trainer.close()
-
-
-def end_training(acc) -> None:
-    """``acc.end_training()`` on every accelerate this package supports: 1.x finishes the trackers and
-    destroys the process group; 0.23 (Show-o2's pin) has no ``trackers`` before ``init_trackers`` and
-    leaves the group alive."""
-    if not hasattr(acc, "trackers"):
-        acc.trackers = []
-    acc.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,6 +65,24 @@ def test_grad_accumulation_and_resume_repeat_the_plain_run(tiny_base, tmp_path):
     assert loss_csv[0] == "step,loss,lr,grad_norm,elapsed_s" and len(loss_csv) == 5
 
 
+@pytest.mark.slow
+def test_two_processes_launched_from_one_train_the_same_lora(tiny_base, tmp_path):
+    # notebook 01 with num_processes=2: train() launches `accelerate launch -m grpo_lib.cold_start --train-only`
+    # and loads its last checkpoint. 2 x batch 4 are the same global samples as 1 x batch 8.
+    one = ColdStart(_params(tiny_base, tmp_path / "one", batch_size=8))
+    one.train()
+    two = ColdStart(_params(tiny_base, tmp_path / "two", batch_size=4, num_processes=2))
+    assert two.train_processes == 2 and two.acc.num_processes == 1
+    two.train()
+    assert two.step == 4 and [h["step"] for h in two.history] == [1, 2, 3, 4]
+    for q1, q2 in zip(_lora(one), _lora(two)):
+        torch.testing.assert_close(q1, q2, atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose([h["loss"] for h in one.history], [h["loss"] for h in two.history], rtol=1e-4)
+    assert (tmp_path / "two/cold_start/cold_start_params.yaml").is_file()
+    summary = two.finish()
+    assert summary["samples_seen"] == 4 * 4 * 2 and summary["steps"] == 4
+
+
 def test_finish_writes_lora_and_merged_that_the_grpo_stage_loads(tiny_base, tmp_path):
     from grpo_lib.policies.tiny import TinyPolicy
     from grpo_lib.train import GRPOParams, load_policy_for
@@ -123,6 +141,8 @@ def test_bad_params_name_the_value(tiny_base, tmp_path):
         ColdStartParams(world="sd3")
     with pytest.raises(ValueError, match="caption_dropout=1.0"):
         ColdStartParams(caption_dropout=1.0)
+    with pytest.raises(ValueError, match="num_processes=0 must be >= 1"):
+        ColdStartParams(num_processes=0)
     with pytest.raises(ValueError, match="resolution=64 but the embedded checkpoint"):
         ColdStart(_params(tiny_base, tmp_path, resolution=64))
 

@@ -221,7 +221,8 @@ torch.set_num_threads(1)
 from accelerate import Accelerator
 import train_fixtures
 from train_fixtures import brightness_reward, small_params, tiny_policy
-from grpo_lib.train import GRPOTrainer, end_training
+from grpo_lib.launch import end_training
+from grpo_lib.train import GRPOTrainer
 acc = Accelerator(cpu=True)
 bs = 8 // acc.num_processes            # same global batch whatever the process count
 out = {{}}

@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from grpo_lib.params import check_knobs
-from .checkpoints import Recipe, RunLayout, repo_path
+from .checkpoints import Recipe, RunLayout, grpo_recipe, repo_path
 
 
 SPLITS = {"val": "data/counting/val.jsonl", "test": "data/counting/test.jsonl"}
@@ -427,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("checkpoints", nargs="*", metavar="NAME=CHECKPOINT_DIR")
     m.add_argument("--on-base", nargs="*", default=[], metavar="NAME=LORA_DIR",
                    help="LoRAs that sit on the base itself, e.g. the cold start trained for the same total minutes")
+    m.add_argument("--own-start", nargs="*", default=[], metavar="NAME=CHECKPOINT_DIR",
+                   help="checkpoints that sit on the cold start their own run started from (its params.json), "
+                        "e.g. RL runs from different cold starts (budget splits)")
     m.add_argument("--split", choices=sorted(SPLITS), default="val",
                    help="val (choosing) or test (the final figure only: test prompts, test noise seeds)")
     m.add_argument("--versus", nargs="*", default=[], metavar="NAME",
@@ -444,7 +447,11 @@ def main(argv: list[str] | None = None) -> int:
         def on_base(path):                        # a LoRA dir that sits on the base (a longer cold start)
             return Recipe(base=base, lora=repo_path(path))
 
-        for items, recipe in ((args.checkpoints, on_cold_start), (args.on_base, on_base)):
+        def on_own_start(path):                   # a checkpoint dir: its LoRA on the cold start its run started from
+            return grpo_recipe(Path(path) / "lora", base)
+
+        for items, recipe in ((args.checkpoints, on_cold_start), (args.on_base, on_base),
+                              (args.own_start, on_own_start)):
             for item in items:
                 name, sep, path = item.partition("=")
                 if not sep or not name or name in stages:

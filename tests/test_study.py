@@ -175,3 +175,35 @@ def test_sample_efficiency_notebook_smoke(run_notebook):
     executed, _ = run_notebook("05_sample_efficiency")
     assert (run_dir / "grpo" / "metrics.csv").stat().st_mtime_ns == before
     assert "grpo: finished earlier" in executed.read_text()
+
+
+def test_compare_cli_builds_each_stage_on_its_own_start(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from grpo_lib import study
+    from grpo_lib.checkpoints import Recipe
+
+    # an RL checkpoint records the cold start its run started from in params.json
+    ck = tmp_path / "split" / "checkpoints" / "epoch_0026"
+    (ck / "lora").mkdir(parents=True)
+    (ck / "params.json").write_text(json.dumps({"model": str(tmp_path / "base"),
+                                                "cold_start_lora": str(tmp_path / "cs_step_2000")}))
+    seen = {}
+
+    def fake_compare(stages, **kw):
+        seen.update(stages)
+        return pd.DataFrame({"stage": list(stages)})
+
+    monkeypatch.setattr(study, "compare_paired", fake_compare)
+    base = tmp_path / "base"
+    assert study.main(["compare", "--base", str(base), "--cold-start", str(tmp_path / "cs_step_500"),
+                       "rl=" + str(tmp_path / "rl_ck"), "--on-base", "control=" + str(tmp_path / "long_cs"),
+                       "--own-start", "split=" + str(ck), "--out", str(tmp_path / "c.csv")]) == 0
+    assert seen == {
+        "cold_start": Recipe(base=base, merges=(tmp_path / "cs_step_500",)),
+        "rl": Recipe(base=base, merges=(tmp_path / "cs_step_500",), lora=tmp_path / "rl_ck" / "lora"),
+        "control": Recipe(base=base, lora=tmp_path / "long_cs"),
+        "split": Recipe(base=base, merges=(tmp_path / "cs_step_2000",), lora=ck / "lora"),
+    }
+    with pytest.raises(SystemExit, match="expected NAME=PATH with a new NAME"):
+        study.main(["compare", "--cold-start", "x", "--own-start", "rl", "--out", str(tmp_path / "d.csv")])

@@ -24,11 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (notebook, params experiment) in execution order; None runs the notebook's own defaults (its parameters
 # cell): 03 evaluates the renderer on the full held-out set (the detector's sanity check, accuracy 1.0),
-# 04 previews the shipped base. Later issues append their stages here.
+# 04 previews the shipped base. 01 and 02 run the budget split chosen on val (results/budget_split/): 1,500
+# cold-start steps, then 43 epochs of DiffusionNFT. Flow-GRPO, the seeds' method, is
+# --use 01_cold_start=default 02_counting_grpo=strict_first_50 (make run's stages until session 7).
 STAGES: list[tuple[str, str | None]] = [
     ("00_derivation_checks", "default"),
-    ("01_cold_start", "default"),
-    ("02_counting_grpo", "strict_first_50"),
+    ("01_cold_start", "split"),
+    ("02_counting_grpo", "nft_cosine_split"),
     ("03_evaluate", None),
     ("04_inference_preview", None),
 ]

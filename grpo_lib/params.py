@@ -277,3 +277,36 @@ def notebook_parameters(notebook_path: str | Path) -> dict[str, Any]:
         except ValueError as e:
             raise ValueError(f"{notebook_path}: parameter {node.targets[0].id!r} is not a literal") from e
     return out
+
+
+def params_in_notebook(namespace: Mapping[str, Any], schema: type):
+    """A notebook's params: the values of ``schema``'s fields in the notebook's ``namespace`` (its parameters
+    cell, as papermill overrode it), checked by :func:`load_params`.
+
+    ``papermill -f params/x.yaml`` injects every key of the file as it is, so a file that extends another
+    (``base: other.yaml``) arrives as a variable ``base`` and the base's values never arrive: the notebook would
+    silently run on its own defaults for them. That raises ``ValueError`` here, naming a resolved file to pass
+    instead (``python -m grpo_lib.params x.yaml`` writes one; ``python -m grpo_lib.pipeline`` resolves it itself).
+    """
+    if "base" in namespace and not any(f.name == "base" for f in dataclasses.fields(schema)):
+        raise ValueError(f"papermill passed base={namespace['base']!r}: papermill does not follow a params file's "
+                         "base: chain, so the base's values would be lost. Pass the resolved file instead: "
+                         "python -m grpo_lib.params params/<file>.yaml > resolved.yaml; papermill ... -f resolved.yaml")
+    return load_params({f.name: namespace[f.name] for f in dataclasses.fields(schema)}, schema)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m grpo_lib.params FILE.yaml``: print the file with its ``base:`` chain resolved and every field
+    filled in (defaults included), as YAML, for tools that do not follow ``base:`` (papermill ``-f``)."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    ap.add_argument("params", help="params/<notebook>__<experiment>.yaml")
+    args = ap.parse_args(argv)
+    sys.stdout.write(yaml.safe_dump(to_dict(load_params(args.params)), sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -157,3 +157,20 @@ def test_pipeline_use_swaps_a_stage_params_and_names_bad_input():
         stages_with(["09_x=y"])
     with pytest.raises(ValueError, match=r"params/01_cold_start__nope.yaml does not exist"):
         stages_with(["01_cold_start=nope"])
+
+
+def test_a_notebook_refuses_a_base_chain_that_papermill_did_not_follow(capsys):
+    from grpo_lib.study import StudyParams
+
+    # papermill -f with a `base:` file injects `base` and none of the base's values
+    namespace = P.notebook_parameters(REPO_PARAMS.parent / "notebooks" / "05_sample_efficiency.ipynb")
+    assert P.params_in_notebook(namespace, StudyParams) == StudyParams(**namespace)
+    namespace["base"] = "05_sample_efficiency__study4.yaml"
+    with pytest.raises(ValueError, match=r"papermill passed base='05_sample_efficiency__study4.yaml'.*"
+                                         r"python -m grpo_lib.params"):
+        P.params_in_notebook(namespace, StudyParams)
+    # the resolved file carries the base's values, and loads back to the same params
+    assert P.main([str(REPO_PARAMS / "05_sample_efficiency__study5.yaml")]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert "base" not in resolved and resolved["train_params"] == "params/02_counting_grpo__strict_first_50.yaml"
+    assert P.load_params(resolved, StudyParams) == P.load_params(REPO_PARAMS / "05_sample_efficiency__study5.yaml")

@@ -442,16 +442,10 @@ class ColdStart:
         ``batch_size`` is per process, so the global batch is ``num_processes * batch_size * grad_accum``;
         each sample's data, noise and time are keyed on its global position, so 2 processes of batch 16
         train on the same samples as 1 process of batch 32."""
-        import yaml
-
         from .launch import launch_module
-        from .params import to_dict
 
-        p = self.p
-        cfg = self.out / "cold_start_params.yaml"
-        cfg.write_text(yaml.safe_dump(to_dict(p), sort_keys=False))
-        launch_module("grpo_lib.cold_start", cfg, p.num_processes, mixed_precision=p.mixed_precision,
-                      extra_args=["--train-only"], echo_prefix="[cold_start]")
+        launch_module("grpo_lib.cold_start", self.p, self.out / "cold_start_params.yaml", extra_args=["--train-only"],
+                      echo_prefix="[cold_start]")
         self.load_checkpoint()
         return self.history
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from grpo_lib.prompts import spread_subset
 from grpo_lib.rewards.counting import QUALITY_KEYS
@@ -187,15 +186,8 @@ class CountingExperiment:
 def launch_training(p: GRPOParams, *, port: int | None = None) -> pd.DataFrame:
     """Train ``p`` on ``p.num_processes`` processes with ``accelerate launch -m grpo_lib.train``
     (:func:`grpo_lib.launch.launch_module`; the per-epoch lines stream here) and return its metrics."""
-    import yaml
-
     from grpo_lib.launch import launch_module
-    from grpo_lib.params import to_dict
 
     run_dir = Path(p.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = run_dir / "grpo_params.yaml"
-    cfg.write_text(yaml.safe_dump(to_dict(p), sort_keys=False))
-    launch_module("grpo_lib.train", cfg, p.num_processes, mixed_precision=p.mixed_precision,
-                  echo_prefix="[grpo]", port=port)
+    launch_module("grpo_lib.train", p, run_dir / "grpo_params.yaml", echo_prefix="[grpo]", port=port)
     return pd.read_csv(run_dir / "metrics.csv")

@@ -288,7 +288,7 @@ def params_in_notebook(namespace: Mapping[str, Any], schema: type):
     silently run on its own defaults for them. That raises ``ValueError`` here, naming a resolved file to pass
     instead (``python -m grpo_lib.params x.yaml`` writes one; ``python -m grpo_lib.pipeline`` resolves it itself).
     """
-    if "base" in namespace and not any(f.name == "base" for f in dataclasses.fields(schema)):
+    if "base" in namespace:
         raise ValueError(f"papermill passed base={namespace['base']!r}: papermill does not follow a params file's "
                          "base: chain, so the base's values would be lost. Pass the resolved file instead: "
                          "python -m grpo_lib.params params/<file>.yaml > resolved.yaml; papermill ... -f resolved.yaml")

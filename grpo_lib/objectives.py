@@ -1,4 +1,4 @@
-r"""Likelihood-free RL objectives for flow policies: DiffusionNFT and Advantage Weighted Matching.
+r"""Likelihood-free RL objectives for flow policies: DiffusionNFT, Advantage Weighted Matching and DGPO.
 
 Flow-GRPO (``grpo_lib.grpo``) scores the SDE's Gaussian step and pushes its log-ratio. Its successors
 drop the step likelihood and weight the *pretraining* flow-matching loss on clean samples x0 by how good
@@ -20,7 +20,11 @@ same losses.
 | ``v_ref``       | v_ref, the reference policy (LoRA off = cold start), no grad              |
 | ``adv``         | A_i = (R_i - mean_group R) / (std + 1e-4), clipped to +-A_max             |
 
-One more object: :class:`SoftAnchor`, the slowly moving copy of the trainable weights both methods keep
+DGPO weights the same per-sample loss by how far each *group* still is from preferring its good samples
+(a DPO sigmoid over the group's advantage-weighted likelihood ratio to the reference), so the samples of a
+group must share their draw of (t, eps) (``group_shared_noise``).
+
+One more object: :class:`SoftAnchor`, the slowly moving copy of the trainable weights NFT and AWM keep
 (theta_old <- eta theta_old + (1 - eta) theta after each update).
 """
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 from .grpo import EMA
 from .policies.base import Cond, check_convention
 
-OBJECTIVES = ("grpo", "nft", "awm")
+OBJECTIVES = ("grpo", "nft", "awm", "dgpo")
 AWM_WEIGHTINGS = ("uniform", "ghuber")
 
 
@@ -171,6 +175,56 @@ def awm_loss(v: torch.Tensor, v_ref: torch.Tensor | None, v_anchor: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
+# DGPO, Direct Group Preference Optimization (arXiv 2510.08425; Luo-Yihong/DGPO train_sd3_dgpo.py L162-192)
+# ---------------------------------------------------------------------------------------------
+def dgpo_group_sums(fm: torch.Tensor, fm_ref: torch.Tensor, adv: torch.Tensor, group_index: torch.Tensor,
+                    num_groups: int) -> torch.Tensor:
+    r"""S_g = sum_{i in g} A_i (FM_i - FM_ref,i) over this process's samples, (num_groups,) float64.
+
+    The trainer sums S_g over processes (all of a group's samples share t and eps) before
+    :func:`dgpo_group_weights`; ``group_index`` (B,) holds each sample's group in [0, num_groups).
+    """
+    contrib = adv.double() * (fm.double() - fm_ref.double())
+    return torch.zeros(num_groups, dtype=torch.float64, device=fm.device).index_add_(0, group_index, contrib)
+
+
+def dgpo_group_weights(group_sums: torch.Tensor, *, dgpo_beta: float, group_size: int) -> torch.Tensor:
+    """sigma(z_g), z_g = dgpo_beta S_g / G: how much each group still pulls (1/2 at theta = ref; -> 0 once the
+    group's good samples are already likelier under theta than under the reference, as in DPO)."""
+    return torch.sigmoid(dgpo_beta * group_sums / group_size).float()
+
+
+def dgpo_loss(v: torch.Tensor, v_ref: torch.Tensor | None, target: torch.Tensor, adv: torch.Tensor,
+              weight: torch.Tensor, *, kl_beta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    r"""L = mean_i [ sg(sigma(z_g(i))) A_i FM_i ]  +  kl_beta mean_i ||v - v_ref||^2
+
+    the gradient-equivalent form (upstream's, "gradient-equivalent" in its docstring) of the group DPO loss
+
+        L_DPO = -log sigma(-beta_dpo / G sum_{i in g} A_i (FM_theta,i - FM_ref,i)),    FM_i = mean (v_i - v*_i)^2
+
+    whose gradient is sigma(z_g) beta_dpo / G sum_i A_i grad FM_i with z_g = beta_dpo S_g / G
+    (:func:`dgpo_group_weights`); the constant beta_dpo / G is left to the lr, as upstream does.
+
+    | code        | paper / upstream                                                   |
+    |-------------|--------------------------------------------------------------------|
+    | ``adv``     | A_i = w_i with sign (|A| = the weight in G+ / G-), clipped to +-5  |
+    | ``weight``  | sg(sigma(z_g)), one per sample (its group's)                        |
+    | ``fm``      | FM_i in velocity space (x0-space is t^2 FM, absorbed in lambda_t)  |
+    | ``kl_beta`` | beta_KL (0.02 GenEval), velocity MSE to the LoRA-off reference     |
+
+    Good samples (A > 0) are pulled toward their own flow-matching target, bad ones pushed away, while
+    sigma(z_g) fades a group out once theta already prefers its good samples over the reference's
+    preference. Returns (loss, stats).
+    """
+    fm = _per_sample((v - target) ** 2)                                                     # (B,)
+    policy_loss = (weight.detach() * adv * fm).mean()
+    kl = _per_sample((v - v_ref) ** 2).mean() if v_ref is not None else v.new_zeros(())
+    loss = policy_loss + kl_beta * kl
+    return loss, {"policy_loss": policy_loss.detach(), "kl": kl.detach(), "fm_loss": fm.mean().detach(),
+                  "dgpo_weight": weight.float().mean().detach()}
+
+
+# ---------------------------------------------------------------------------------------------
 # The slowly moving copy both methods keep
 # ---------------------------------------------------------------------------------------------
 class SoftAnchor(EMA):
@@ -260,6 +314,26 @@ def awm_step(policy, reference, anchor, samples: CleanSamples, adv, t, eps, p, a
         want_anchor=anchor is not None and p.anchor_beta > 0, autocast=autocast)
     loss, stats = awm_loss(v, v_ref, v_anchor, target, t, adv, adv_clip_max=p.adv_clip_max,
                            weighting=p.awm_weighting, p=p.awm_p, kl_beta=p.beta, anchor_beta=p.anchor_beta)
+    return loss, {"loss": loss.detach(), **stats}
+
+
+@torch.no_grad()
+def dgpo_scores(policy, reference, samples: CleanSamples, t, eps, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FM_theta, FM_ref) per sample at (t, eps), no grad: what :func:`dgpo_group_sums` needs."""
+    x_t, target = noisy_sample(samples.final_latents, eps, t)
+    with reference(), autocast():
+        fm_ref = _per_sample((policy_velocity(policy, x_t, t, samples.cond) - target) ** 2)
+    with autocast():
+        fm = _per_sample((policy_velocity(policy, x_t, t, samples.cond) - target) ** 2)
+    return fm, fm_ref
+
+
+def dgpo_step(policy, reference, samples: CleanSamples, adv, t, eps, weight, p, autocast):
+    """DGPO on one noise level per sample (shared by its group): :func:`dgpo_loss` with the group weights
+    ``weight`` (B,) and the optional velocity KL (``p.beta``) to the reference."""
+    _, _, target, v, _, v_ref = _clean_forwards(policy, reference, None, samples, t, eps, want_ref=p.beta > 0,
+                                                want_anchor=False, autocast=autocast)
+    loss, stats = dgpo_loss(v, v_ref, target, adv, weight, kl_beta=p.beta)
     return loss, {"loss": loss.detach(), **stats}
 
 

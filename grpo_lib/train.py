@@ -105,9 +105,10 @@ class GRPOParams:
     adv_clip_max: float = 5.0                              # advantage clip
     global_std: bool = True                                # advantage std over the whole batch
     ratio_norm: bool = False                               # GRPO-Guard RatioNorm
-    objective: str = "grpo"                                # grpo | nft (DiffusionNFT) | awm (Advantage Weighted Matching)
-    train_timesteps: int = 4                               # nft / awm: noise levels per sample per epoch (rollout grid)
-    group_shared_noise: bool = False                       # nft / awm: one draw of (t, eps) per group, not per sample
+    objective: str = "grpo"                                # grpo | nft (DiffusionNFT) | awm (Advantage Weighted Matching) | dgpo
+    train_timesteps: int = 4                               # nft / awm / dgpo: noise levels per sample per epoch (rollout grid)
+    group_shared_noise: bool = False                       # nft / awm: one draw of (t, eps) per group (dgpo: must be true)
+    dgpo_beta: float = 100.0                               # dgpo: beta_dpo of the group sigmoid (upstream GenEval: 100)
     nft_beta: float = 1.0                                  # nft: beta of v+- (1/beta = guidance strength)
     anchor_rate: float = 0.001                             # nft / awm anchor: eta_k = min(rate * k, anchor_max_decay)
     anchor_max_decay: float = 0.5                          # nft (old policy): 0.5; awm (KL-EMA): 0.3
@@ -170,6 +171,11 @@ class GRPOParams:
             raise ValueError(f"awm_weighting={self.awm_weighting!r} is not one of {AWM_WEIGHTINGS}")
         if not 1 <= self.train_timesteps <= self.num_steps:
             raise ValueError(f"train_timesteps={self.train_timesteps} must be in [1, num_steps={self.num_steps}]")
+        if self.objective == "dgpo" and not self.group_shared_noise:
+            raise ValueError("objective='dgpo' needs group_shared_noise=true: its group weight compares the group's "
+                             "samples with the reference at one shared draw of (t, eps) (DGPO, Eq. 17)")
+        if not self.dgpo_beta > 0:
+            raise ValueError(f"dgpo_beta={self.dgpo_beta} must be > 0 (upstream: 100 GenEval / OCR, 10 PickScore)")
         if self.nft_beta <= 0:
             raise ValueError(f"nft_beta={self.nft_beta} must be > 0 (paper: 1.0 or 0.1)")
         if not 0 <= self.anchor_max_decay < 1 or self.anchor_rate < 0 or self.anchor_beta < 0:
@@ -485,8 +491,9 @@ class GRPOTrainer:
     def rollout_batch(self, epoch: int, batch_index: int, rows: list[dict], global_index: torch.Tensor):
         """One sampling batch's trajectories (noise keyed on each sample's global index).
 
-        GRPO stores the SDE steps with their log-probs; NFT and AWM keep only the ODE's clean samples,
-        NFT sampling with its anchor (the old policy), AWM with the current weights."""
+        GRPO stores the SDE steps with their log-probs; NFT, AWM and DGPO keep only the ODE's clean samples,
+        NFT sampling with its anchor (the old policy), AWM and DGPO with the current weights (DGPO upstream
+        switches to an EMA after 200 steps; not done here)."""
         from grpo_lib.objectives import CleanSamples
         from grpo_lib.rollout import sample_images, sample_trajectories, sde_window
 
@@ -621,7 +628,10 @@ class GRPOTrainer:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         work = [(inner, j, batch) for inner in range(p.inner_epochs) for j, batch in enumerate(zip(batches, advs, keeps))]
+        group_weights = None
         for inner, j, (b, adv, keep) in self._bar(work, desc=f"epoch {epoch} training"):
+            if p.objective == "dgpo" and j == 0:   # each pass over the rollouts scores its own draws first
+                group_weights = self.dgpo_group_weights(epoch, batches, advs, keeps, inner)
             k_local = int(keep.sum())
             k_global = float(kept_per_batch[j])
             if k_local > 0:
@@ -629,6 +639,9 @@ class GRPOTrainer:
                 sub = b.traj[sel]
                 A = adv[sel].to(self.acc.device)
                 passes = self.objective_passes(epoch, b, sel, inner)
+                if group_weights is not None:   # dgpo: each sample carries its group's sigma(z_g) of that pass
+                    slot = (b.group_ids[sel.cpu()] - self.sampler.group_id_base(epoch)).to(self.acc.device)
+                    passes = [(t, eps, group_weights[c, slot]) for c, (t, eps) in enumerate(passes)]
                 # mean over the global batch's kept samples: sum_local / (K_global / P)
                 scale = k_local * self.acc.num_processes / k_global / len(passes) / per_update
                 for c, spec in enumerate(passes):
@@ -710,6 +723,34 @@ class GRPOTrainer:
             passes.append((t[:, c].to(dev), eps.to(dev)))
         return passes
 
+    def dgpo_group_weights(self, epoch: int, batches: list[EpochBatch], advs, keeps, inner: int = 0) -> torch.Tensor:
+        """sigma(z_g) for every pass c and group slot g of the epoch, (train_timesteps, R * M), on every process.
+
+        A no-grad pass over the epoch's kept samples at the draws ``objective_passes`` will train on:
+        S_g = sum_i A_i (FM_theta,i - FM_ref,i) per process, summed over processes (a group may span
+        processes and batches), then ``objectives.dgpo_group_weights``. theta is the weights at the start of
+        the pass, which the gradient sees exactly when the pass makes one update (``updates_per_epoch: 1``, as
+        upstream's one optimizer step per epoch); with more updates later batches see a slightly older z_g.
+        """
+        from grpo_lib import objectives
+
+        p, dev = self.p, self.acc.device
+        slots = self.sampler.rounds_per_epoch * self.arith.groups_per_epoch
+        sums = torch.zeros(p.train_timesteps, slots, dtype=torch.float64, device=dev)
+        base = self.sampler.group_id_base(epoch)
+        for b, adv, keep in zip(batches, advs, keeps):
+            if int(keep.sum()) == 0:
+                continue
+            sel = keep.nonzero().squeeze(1)
+            sub, A = b.traj[sel], adv[sel].to(dev)
+            slot = (b.group_ids[sel.cpu()] - base).to(dev)
+            for c, (t, eps) in enumerate(self.objective_passes(epoch, b, sel, inner)):
+                fm, fm_ref = objectives.dgpo_scores(self.policy, self.reference, sub, t, eps, self.acc.autocast)
+                sums[c] += objectives.dgpo_group_sums(fm, fm_ref, A, slot, slots)
+        if self.acc.num_processes > 1:
+            sums = self.acc.reduce(sums, reduction="sum")
+        return objectives.dgpo_group_weights(sums, dgpo_beta=p.dgpo_beta, group_size=p.group_size)
+
     def objective_step(self, sub, adv: torch.Tensor, spec) -> tuple[torch.Tensor, dict]:
         """The loss of one backward pass (``grpo_lib.objectives``)."""
         from grpo_lib import objectives
@@ -717,6 +758,9 @@ class GRPOTrainer:
         p = self.p
         if p.objective == "grpo":
             return objectives.grpo_step(self.policy, self.reference, sub, spec, adv, p, self.acc.autocast)
+        if p.objective == "dgpo":
+            t, eps, weight = spec
+            return objectives.dgpo_step(self.policy, self.reference, sub, adv, t, eps, weight, p, self.acc.autocast)
         t, eps = spec
         step = objectives.nft_step if p.objective == "nft" else objectives.awm_step
         return step(self.policy, self.reference, self.anchor, sub, adv, t, eps, p, self.acc.autocast)

@@ -42,6 +42,22 @@ def test_sd35m_params_run_one_tiny_epoch_on_tiny_sd3(repo, tiny_sd3_dir, tmp_pat
     assert (ck / "lora").is_dir() and (ck / "trainer_state.pt").is_file()
 
 
+@pytest.mark.parametrize("objective", ["nft", "awm", "dgpo"])
+def test_sd35m_likelihood_free_params_run_one_tiny_epoch_on_tiny_sd3(repo, tiny_sd3_dir, tmp_path, objective):
+    """Each successor's SD3.5-M params file trains the tiny SD3 components through the same trainer."""
+    from sd3_tiny import TINY_HEIGHT
+    p = load_params(repo / "params" / f"02_counting_grpo__sd35m_{objective}.yaml", GRPOParams,
+                    run_dir=str(tmp_path / "run"), model=str(tiny_sd3_dir), resolution=TINY_HEIGHT,
+                    reward_server_url="", lora_rank=4, lora_alpha=8, mixed_precision="no", num_epochs=1,
+                    group_size=2, batch_size=4, batches_per_epoch=2, num_steps=4, train_timesteps=2,
+                    eval_num_steps=4, eval_max_prompts=4, eval_every=1, save_every=1, progress=False)
+    assert p.objective == objective
+    hist = run(p, reward_fn=green_reward)
+    assert [h["epoch"] for h in hist] == [0, 1]
+    assert np.isfinite(hist[1]["loss"]) and hist[1]["grad_norm"] > 0
+    assert (tmp_path / "run" / "checkpoints" / "epoch_0001" / "lora").is_dir()
+
+
 def test_sd35m_batch_rules_are_the_seeds(repo):
     from grpo_lib.grpo import check_batch_arithmetic, gradient_accumulation_steps
     p = load_params(repo / "params" / "02_counting_grpo__sd35m_strict_first_50.yaml")

@@ -10,12 +10,15 @@ import torch
 from grpo_lib.gaussian_mixture import default_mixture
 from grpo_lib.grpo import compute_advantages, grpo_loss
 from grpo_lib.objectives import (CleanSamples, SoftAnchor, awm_log_likelihood, awm_loss, awm_step,
+                                 dgpo_group_sums, dgpo_group_weights, dgpo_loss, dgpo_scores, dgpo_step,
                                  draw_noise_levels, nft_loss, nft_optimality, nft_step, noisy_sample,
                                  policy_velocity)
-from grpo_lib.policies.base import Cond
+from grpo_lib.policies.base import Cond, FrozenReference
 from grpo_lib.sde import convention_times, sde_step_with_logprob
 
+
 MIX = default_mixture()
+GROUP = 8                            # DGPO: samples per group (they share t and eps)
 TARGET_MODE = 2                      # the mode at (0, 2), weight 0.25
 
 
@@ -54,7 +57,7 @@ def _in_target(x0):
     return (torch.cdist(x0.double(), MIX.means).argmin(1) == TARGET_MODE).float()
 
 
-def _mass_after(objective, sign, updates=8, n=512, convention="noise_at_one"):
+def _mass_after(objective, sign, updates=8, n=512, convention="noise_at_one", dgpo_beta=1.0):
     """Share of ODE samples in the target mode before and after ``updates`` updates of ``objective``
     with reward sign * indicator(target mode). Same initial noise for every measurement."""
     policy = MixturePolicy(convention)
@@ -62,6 +65,7 @@ def _mass_after(objective, sign, updates=8, n=512, convention="noise_at_one"):
     anchor = SoftAnchor(list(policy.parameters()), rate=0.0, max_decay=0.5)
     p = SimpleNamespace(beta=0.0, adv_clip_max=5.0, nft_beta=1.0, awm_weighting="uniform", awm_p=0.25,
                         anchor_beta=0.0, clip_range=0.2, kl_convention="paper", ratio_norm=False)
+    reference = FrozenReference(list(policy.parameters())).swapped_in     # DGPO's: the initial weights
     g = torch.Generator().manual_seed(1)
     x_eval = torch.randn(2048, 2, generator=g)
     before = float(_in_target(_ode(policy, x_eval)).mean())
@@ -73,9 +77,19 @@ def _mass_after(objective, sign, updates=8, n=512, convention="noise_at_one"):
         else:
             with anchor.swapped_in():
                 x0 = _ode(policy, x1)
-            adv, _, _ = compute_advantages(sign * _in_target(x0), torch.zeros(n, dtype=torch.long))
+            groups = torch.arange(n) // GROUP if objective == "dgpo" else torch.zeros(n, dtype=torch.long)
+            adv, _, _ = compute_advantages(sign * _in_target(x0), groups)
             samples = CleanSamples(x0.float(), _cond(n), None)
             for _ in range(4):   # backward per pass, as the trainer does (the anchor swap writes in place)
+                if objective == "dgpo":   # one (t, eps) per group of GROUP samples, as the trainer draws them
+                    t = (torch.rand(n // GROUP, generator=g) * 0.9 + 0.1).repeat_interleave(GROUP)
+                    eps = torch.randn(n // GROUP, 2, generator=g).repeat_interleave(GROUP, 0)
+                    fm, fm_ref = dgpo_scores(policy, reference, samples, t, eps, contextlib.nullcontext)
+                    w = dgpo_group_weights(dgpo_group_sums(fm, fm_ref, adv, groups, n // GROUP),
+                                           dgpo_beta=dgpo_beta, group_size=GROUP)[groups]
+                    loss, _ = dgpo_step(policy, reference, samples, adv, t, eps, w, p, contextlib.nullcontext)
+                    (loss / 4).backward()
+                    continue
                 t = torch.rand(n, generator=g) * 0.9 + 0.1          # noise levels in [0.1, 1]
                 eps = torch.randn(n, 2, generator=g)
                 step = nft_step if objective == "nft" else awm_step
@@ -109,7 +123,7 @@ def _grpo_update(policy, x1, sign, p, g):
     return loss
 
 
-@pytest.mark.parametrize("objective", ["nft", "awm", "grpo"])
+@pytest.mark.parametrize("objective", ["nft", "awm", "dgpo", "grpo"])
 def test_rewarded_mode_gains_mass_and_negated_reward_loses_it(objective):
     before, up = _mass_after(objective, +1.0)
     before2, down = _mass_after(objective, -1.0)
@@ -118,12 +132,51 @@ def test_rewarded_mode_gains_mass_and_negated_reward_loses_it(objective):
     assert down < before - 0.18, (objective, before, down)   # measured: 0.27 -> 0.03-0.05
 
 
-@pytest.mark.parametrize("objective", ["nft", "awm"])
+@pytest.mark.parametrize("objective", ["nft", "awm", "dgpo"])
 def test_both_conventions_give_the_same_update(objective):
     """A noise_at_zero policy (Show-o2) trains through the same losses: identical mass after training."""
     one = _mass_after(objective, +1.0, updates=3, n=256)
     zero = _mass_after(objective, +1.0, updates=3, n=256, convention="noise_at_zero")
     assert one == pytest.approx(zero, abs=2 / 2048)
+
+
+def test_dgpo_beta_is_a_trust_region_around_the_reference():
+    """The group sigmoid fades a group out once theta prefers its good samples more than the reference does:
+    the larger beta_dpo, the sooner, so the same updates move less mass (measured 0.27 -> 0.69 at beta 1,
+    0.42 at 10, 0.32 at 100; the negated reward 0.04 / 0.15 / 0.24)."""
+    before, loose = _mass_after("dgpo", +1.0, dgpo_beta=1.0)
+    _, tight = _mass_after("dgpo", +1.0, dgpo_beta=100.0)
+    _, tight_down = _mass_after("dgpo", -1.0, dgpo_beta=100.0)
+    assert loose > tight + 0.25 and before + 0.02 < tight < before + 0.10, (before, loose, tight)
+    assert before - 0.08 < tight_down < before - 0.02, (before, tight_down)
+
+
+def test_dgpo_loss_has_the_group_dpo_gradient():
+    """mean_i sg(sigma(z_g)) A_i FM_i has the gradient of (G / beta) x mean_g -log sigma(-beta / G sum A (FM - FM_ref))
+    (per group, then averaged over the groups' samples), the form upstream calls gradient-equivalent."""
+    g = torch.Generator().manual_seed(3)
+    n, G, beta = 6, 3, 7.0
+    groups = torch.arange(n) // G
+    target, v_ref = torch.randn(n, 4, generator=g), torch.randn(n, 4, generator=g)
+    adv = torch.tensor([1.0, -0.5, -0.5, 2.0, 0.0, -2.0])
+    v0 = torch.randn(n, 4, generator=g)
+    fm_ref = ((v_ref - target) ** 2).mean(1)
+    v = v0.clone().requires_grad_(True)
+    fm = ((v.detach() - target) ** 2).mean(1)
+    sums = dgpo_group_sums(fm, fm_ref, adv, groups, 2)
+    torch.testing.assert_close(sums, torch.stack([(adv * (fm - fm_ref))[:3].sum(), (adv * (fm - fm_ref))[3:].sum()]).double())
+    w = dgpo_group_weights(sums, dgpo_beta=beta, group_size=G)
+    loss, stats = dgpo_loss(v, None, target, adv, w[groups])
+    loss.backward()
+    u = v0.clone().requires_grad_(True)
+    fm_u = ((u - target) ** 2).mean(1)
+    z = beta / G * torch.zeros(2).index_add(0, groups, adv * (fm_u - fm_ref))
+    (-torch.nn.functional.logsigmoid(-z).sum() * G / beta / n).backward()
+    torch.testing.assert_close(v.grad, u.grad, atol=1e-6, rtol=1e-5)
+    assert float(stats["dgpo_weight"]) == pytest.approx(float(w[groups].mean()))
+    # at theta = ref every group weighs 1/2
+    torch.testing.assert_close(dgpo_group_weights(torch.zeros(2, dtype=torch.float64), dgpo_beta=beta, group_size=G),
+                               torch.full((2,), 0.5))
 
 
 def test_policy_velocity_maps_noise_at_zero_onto_sd3():

@@ -319,3 +319,29 @@ def test_showo2_convention_params_run_one_tiny_epoch_on_a_random_tiny_policy(tmp
     assert changed and changed <= set(head)                    # text encoder ('LLM') and down path frozen
     assert hist[-1]["ratio_min"] == pytest.approx(1.0, abs=1e-6)
     assert math.isfinite(hist[-1]["loss"]) and (tmp_path / "run" / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm", "dgpo"])
+def test_likelihood_free_objectives_train_only_the_head_of_a_noise_at_zero_policy(tmp_path, objective):
+    """NFT, AWM and DGPO reach a Show-o2-convention policy through ``policy_velocity`` (s = 1 - t, v -> -v):
+    one tiny epoch of the showo2_convention params with each objective moves the head and nothing else."""
+    from grpo_lib.params import load_params
+    from grpo_lib.policies.tiny import TinyConfig, TinyPolicy
+    from grpo_lib.train import GRPOTrainer, select_trainable
+
+    p = load_params(SHOWO2_CONVENTION_PARAMS, run_dir=str(tmp_path / "run"), num_epochs=1, group_size=2,
+                    batch_size=4, batches_per_epoch=2, updates_per_epoch=1, eval_max_prompts=4, eval_num_steps=4,
+                    eval_every=1, save_every=1, ema_decay=0.0, progress=False, objective=objective,
+                    train_timesteps=2, group_shared_noise=objective == "dgpo", lr=1e-3)
+    cfg = TinyConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, text_dim=32, text_layers=1)
+    policy = TinyPolicy(cfg, convention="noise_at_zero", train_text_encoder=False, seed=0)
+    head = set(select_trainable(policy, p.trainable))
+    before = {n: q.detach().clone() for n, q in policy.named_parameters()}
+    trainer = GRPOTrainer(p, policy=policy, reward_fn=brightness_reward)
+    try:
+        hist = trainer.fit()
+    finally:
+        trainer.close()
+    changed = {n for n, q in policy.named_parameters() if not torch.equal(q, before[n])}
+    assert changed and changed <= head
+    assert math.isfinite(hist[-1]["loss"]) and hist[-1]["grad_norm"] > 0

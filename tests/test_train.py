@@ -66,6 +66,27 @@ def test_inner_epochs_take_that_many_passes_over_the_same_rollouts(tmp_path, obj
     assert d2.norm() > d1.norm()
 
 
+def test_dgpo_trains_with_group_weights_and_needs_shared_noise(tmp_path):
+    with pytest.raises(ValueError, match="objective='dgpo' needs group_shared_noise=true"):
+        small_params(tmp_path / "bad", objective="dgpo")
+    with pytest.raises(ValueError, match="dgpo_beta=0.0 must be > 0"):
+        small_params(tmp_path / "bad", objective="dgpo", group_shared_noise=True, dgpo_beta=0.0)
+    t = GRPOTrainer(small_params(tmp_path / "d", objective="dgpo", group_shared_noise=True, dgpo_beta=1e4,
+                                 inner_epochs=2, num_epochs=2, eval_prompts="", lr=1e-3),
+                    policy=tiny_policy(), reward_fn=brightness_reward)
+    start = _params_of(t.policy).clone()
+    batches = t.sample_epoch(0)
+    advs, keeps, _ = t.advantages(batches)
+    w0 = t.dgpo_group_weights(0, batches, advs, keeps)
+    assert w0.shape == (t.p.train_timesteps, t.arith.groups_per_epoch)
+    torch.testing.assert_close(w0, torch.full_like(w0, 0.5))      # theta = reference: every group weighs 1/2
+    hist = t.fit()
+    t.close()
+    assert (_params_of(t.policy) - start).abs().max() > 0
+    w = [h["dgpo_weight"] for h in hist if "dgpo_weight" in h]
+    assert len(w) == 2 and all(0 < x < 1 for x in w) and abs(w[-1] - 0.5) > 0.01, w
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_group_shared_noise_gives_a_group_one_draw_of_t_and_eps(tmp_path, shared):
     t = GRPOTrainer(small_params(tmp_path / "g", objective="awm", awm_weighting="uniform", train_timesteps=2,
@@ -239,7 +260,7 @@ if acc.is_main_process:
 import gc
 acc.wait_for_everyone(); gc.collect(); end_training(acc)
 '''
-DDP_KEYS = ["loss", "approx_kl", "reward_calls", "zero_std_ratio", "dynamic_rounds", "dynamic_shortfall"]
+DDP_KEYS = ["loss", "approx_kl", "reward_calls", "zero_std_ratio", "dynamic_rounds", "dynamic_shortfall", "dgpo_weight"]
 
 
 def _launch(tmp_path, nproc, name, runs=(("plain", {}, "brightness_reward"),)):
@@ -286,11 +307,18 @@ def test_two_processes_match_one_process_with_each_new_sampler(tmp_path):
              "odd_count_reward"),
             ("curriculum", {"curriculum": "spread", "curriculum_floor": 0.1, "lr": 1e-3}, "odd_count_reward"),
             ("awm_inner2", {"objective": "awm", "awm_weighting": "uniform", "inner_epochs": 2, "lr": 1e-3,
-                            "num_epochs": 1, "group_shared_noise": True}, "brightness_reward"))
+                            "num_epochs": 1, "group_shared_noise": True}, "brightness_reward"),
+            # DGPO's group weights sum each group's samples over both processes before the update
+            ("dgpo_inner2", {"objective": "dgpo", "dgpo_beta": 1e4, "inner_epochs": 2, "lr": 1e-3,
+                             "num_epochs": 1, "group_shared_noise": True}, "brightness_reward"))
     one = _launch(tmp_path, 1, "one", runs)
     two = _launch(tmp_path, 2, "two", runs)
-    for name in ("dynamic", "curriculum", "awm_inner2"):
-        for key in ("loss", "params") + (("approx_kl",) if name != "awm_inner2" else ()):   # AWM has no ratio
+    # the second pass's groups no longer weigh 1/2 (theta left the reference), so the sums did matter
+    assert abs(one["dgpo_inner2"]["dgpo_weight"][-1] - 0.5) > 0.01
+    for name in ("dynamic", "curriculum", "awm_inner2", "dgpo_inner2"):
+        keys = ("loss", "params") + (("dgpo_weight",) if name.startswith("dgpo") else ()) + \
+            (("approx_kl",) if "inner2" not in name else ())            # AWM and DGPO have no ratio
+        for key in keys:
             np.testing.assert_allclose(two[name][key], one[name][key], atol=1e-5, rtol=0, err_msg=f"{name} {key}")
         assert two[name]["reward_calls"] == one[name]["reward_calls"]
         assert two[name]["zero_std_ratio"] == one[name]["zero_std_ratio"]

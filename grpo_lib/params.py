@@ -25,6 +25,7 @@ import ast
 import dataclasses
 import importlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -159,6 +160,21 @@ def _coerce(value: Any, tp: Any) -> Any:
     return value
 
 
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-4`` as a float (YAML 1.2; PyYAML's YAML 1.1 wants ``1.0e-4`` and
+    would hand the string ``'1e-4'`` to the type check)."""
+
+
+_Yaml12FloatLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12FloatLoader)
+
+
 BASE_KEY = "base"
 
 
@@ -173,7 +189,7 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
     shown = " -> ".join(str(c.name) for c in chain)
     if not path.is_file():
         raise ValueError(f"params file {str(path)!r} does not exist" + (f" (base chain {shown})" if _chain else ""))
-    loaded = yaml.safe_load(path.read_text()) or {}
+    loaded = _load_yaml(path.read_text()) or {}
     if not isinstance(loaded, Mapping):
         raise ValueError(f"params file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
     loaded = dict(loaded)
@@ -241,7 +257,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
+        out[k] = _load_yaml(v)
     return out
 
 

@@ -865,18 +865,23 @@ class GRPOTrainer:
             # trained weights are a candidate for the best checkpoint too
             out_of_time = bool(p.time_budget_minutes) and (time.perf_counter() - t_start) / 60 > p.time_budget_minutes
             last = self.epoch == p.num_epochs or out_of_time
+            new_best = False
             if self.epoch % p.eval_every == 0 or last:
                 self.policy_train_mode(False)
                 row.update(self.evaluate(self.epoch))
                 if "eval_reward" in row and row["guard_pass"] and \
                         (self.best is None or row["eval_reward"] > self.best["eval_reward"]):
                     self.best = {"epoch": self.epoch, "eval_reward": row["eval_reward"]}
+                    new_best = True
             self._record({**row, **self.budget})
-            if self.epoch % p.save_every == 0 or last:
+            # a new best is saved even off the save_every grid: otherwise selection would silently fall back
+            # to an older best or to the last epoch
+            save = self.epoch % p.save_every == 0 or last or new_best
+            if save:
                 path = self.save_checkpoint()
-                if self.best and self.best["epoch"] == self.epoch and path is not None and self.acc.is_main_process:
+                if new_best and path is not None and self.acc.is_main_process:
                     atomic_write_text(self.ckpt_dir / "best", path.name)
-            if self.acc.num_processes > 1 and (self.epoch % p.save_every == 0 or last):
+            if self.acc.num_processes > 1 and save:
                 self.check_ranks_agree(f"after epoch {self.epoch}")
             if out_of_time:
                 self._log_event(f"time budget of {p.time_budget_minutes} min reached after epoch {self.epoch}")

@@ -224,6 +224,23 @@ def test_time_budget_stop_evaluates_and_saves_the_last_epoch(tmp_path):
     assert sorted(d.name for d in ck.iterdir() if d.is_dir()) == ["epoch_0001"]   # saved once, not twice
 
 
+def test_a_new_best_off_the_save_grid_is_saved_and_named_best(tmp_path):
+    # eval every epoch, save every 100: epoch 2 is the best (scripted held-out rewards), so it must be saved and
+    # named `best` although it is off the save grid (make run once evaluated at 3 with saves at 5 and lost it)
+    p = small_params(tmp_path / "nb", num_epochs=3, eval_every=1, save_every=100, eval_max_prompts=4)
+    t = GRPOTrainer(p, policy=tiny_policy(), reward_fn=brightness_reward)
+    scripted = {0: 0.1, 1: 0.5, 2: 0.9, 3: 0.7}
+    t.evaluate = lambda epoch: {"eval_reward": scripted[epoch], "guard_pass": 1.0}
+    try:
+        t.fit()
+    finally:
+        t.close()
+    ck = tmp_path / "nb" / "checkpoints"
+    assert sorted(d.name for d in ck.iterdir() if d.is_dir()) == ["epoch_0001", "epoch_0002", "epoch_0003"]
+    assert (ck / "best").read_text() == "epoch_0002" and (ck / "latest").read_text() == "epoch_0003"
+    assert t.best == {"epoch": 2, "eval_reward": 0.9}
+
+
 def test_sde_window_range_bounds_every_window(tmp_path):
     # num_steps 8: the default range would allow windows up to (5, 7); [1, 4] allows only (1, 3) and (2, 4)
     p = small_params(tmp_path / "w", num_steps=8, sde_window_size=2, sde_window_range=[1, 4], eval_prompts="")

@@ -24,13 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (notebook, params experiment) in execution order; None runs the notebook's own defaults (its parameters
 # cell): 03 evaluates the renderer on the full held-out set (the detector's sanity check, accuracy 1.0),
-# 04 previews the shipped base. 01 and 02 run the budget split chosen on val (results/budget_split/): 1,500
-# cold-start steps, then 43 epochs of DiffusionNFT. Flow-GRPO, the seeds' method, is
-# --use 01_cold_start=default 02_counting_grpo=strict_first_50 (make run's stages until session 7).
+# 04 previews the shipped base. 01 and 02 run the recipe chosen on val (results/budget_split_cosine/): 3,200
+# cold-start steps with a cosine lr, then 9 epochs of DiffusionNFT at lr 3e-4. Flow-GRPO, the seeds' method, is
+# --use 01_cold_start=default 02_counting_grpo=strict_first_50 (make run's stages until session 7); session 7's
+# split is --use 01_cold_start=split 02_counting_grpo=nft_cosine_split.
 STAGES: list[tuple[str, str | None]] = [
     ("00_derivation_checks", "default"),
-    ("01_cold_start", "split"),
-    ("02_counting_grpo", "nft_cosine_split"),
+    ("01_cold_start", "cosine"),
+    ("02_counting_grpo", "nft_cosine_short"),
     ("03_evaluate", None),
     ("04_inference_preview", None),
 ]

@@ -396,7 +396,10 @@ class ColdStart:
         last_saved = self.step
         while self.step < p.steps:
             if p.time_budget_minutes and self.elapsed > 60.0 * p.time_budget_minutes:
-                self._log(f"time budget of {p.time_budget_minutes} min reached at step {self.step}")
+                lr_now = learning_rate(self.step, p.lr, p.lr_warmup_steps, p.steps, p.lr_schedule)
+                self._log(f"time budget of {p.time_budget_minutes} min reached at step {self.step} of {p.steps}"
+                          + (f": WARNING, the {p.lr_schedule} lr is still {lr_now:.2e}, so the model is not annealed; "
+                             f"set time_budget_minutes: 0 to run every step" if p.lr_schedule != "constant" else ""))
                 break
             lr = learning_rate(self.step, p.lr, p.lr_warmup_steps, p.steps, p.lr_schedule)
             for g in self.opt.param_groups:

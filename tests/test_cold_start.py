@@ -233,3 +233,20 @@ def test_notebook_smoke(run_notebook, repo):
     assert summary["steps"] == 4 and summary["merge_max_abs_diff"] < 1e-4
     merged = TinyPolicy.from_pretrained(out / "merged")
     assert merged.config == TinyPolicy.from_pretrained(base).config
+
+
+def test_a_time_budget_that_cuts_a_cosine_run_says_the_model_is_not_annealed(tiny_base, tmp_path):
+    # a budget of ~0 stops before step 1: with a cosine lr that leaves the model un-annealed, and the log says so
+    cs = ColdStart(_params(tiny_base, tmp_path / "cut", steps=8, lr_schedule="cosine", time_budget_minutes=1e-9))
+    cs.elapsed = 1.0                                   # past the budget before the first step
+    cs.train()
+    log = (tmp_path / "cut/cold_start/events.log").read_text()
+    from grpo_lib.lr_schedule import learning_rate
+    lr0 = learning_rate(0, 1e-2, 2, 8, "cosine")
+    assert lr0 > 0
+    assert (f"time budget of 1e-09 min reached at step 0 of 8: WARNING, the cosine lr is still {lr0:.2e}, so the "
+            "model is not annealed; set time_budget_minutes: 0 to run every step") in log
+    const = ColdStart(_params(tiny_base, tmp_path / "const", steps=8, time_budget_minutes=1e-9))
+    const.elapsed = 1.0
+    const.train()
+    assert "reached at step 0 of 8\n" in (tmp_path / "const/cold_start/events.log").read_text()

@@ -395,13 +395,12 @@ class ColdStart:
         t_start = time.perf_counter() - self.elapsed
         last_saved = self.step
         while self.step < p.steps:
+            lr = learning_rate(self.step, p.lr, p.lr_warmup_steps, p.steps, p.lr_schedule)
             if p.time_budget_minutes and self.elapsed > 60.0 * p.time_budget_minutes:
-                lr_now = learning_rate(self.step, p.lr, p.lr_warmup_steps, p.steps, p.lr_schedule)
                 self._log(f"time budget of {p.time_budget_minutes} min reached at step {self.step} of {p.steps}"
-                          + (f": WARNING, the {p.lr_schedule} lr is still {lr_now:.2e}, so the model is not annealed; "
+                          + (f": WARNING, the {p.lr_schedule} lr is still {lr:.2e}, so the model is not annealed; "
                              f"set time_budget_minutes: 0 to run every step" if p.lr_schedule != "constant" else ""))
                 break
-            lr = learning_rate(self.step, p.lr, p.lr_warmup_steps, p.steps, p.lr_schedule)
             for g in self.opt.param_groups:
                 g["lr"] = lr
             losses, grad_norm = [], float("nan")

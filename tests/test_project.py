@@ -127,6 +127,7 @@ def test_set_errors_name_set_not_the_yaml(tmp_path):
     with pytest.raises(ValueError, match=r"\['num_epoch'\] in --set for GRPOParams"):
         main([str(REPO_PARAMS / "02_counting_grpo__smoke.yaml"), "--set", "num_epoch=2"])
 
+
 def test_exponent_floats_without_a_dot_are_floats_in_files_and_set(tmp_path):
     # YAML 1.1 (PyYAML's default) reads 1e-4 as the string '1e-4'; `--set lr=1e-4` then failed the type check
     f = tmp_path / "x.yaml"
@@ -136,7 +137,6 @@ def test_exponent_floats_without_a_dot_are_floats_in_files_and_set(tmp_path):
     assert (got.lr, got.steps) == (pytest.approx(1e-4), 3) and isinstance(got.steps, int)
     assert P.parse_overrides(["a=-2E+1", "b=1_000", "c=1e4x", "d=1.5e-3"]) == {"a": -20.0, "b": 1000, "c": "1e4x",
                                                                             "d": 1.5e-3}
-
 
 
 REPO_PARAMS = __import__("pathlib").Path(P.__file__).resolve().parents[1] / "params"

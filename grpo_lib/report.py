@@ -6,7 +6,7 @@
 |--------------------|---------------------------------------------------------------------------------|
 | notebooks          | the executed notebooks' HTML exports ``<run>/*.html`` (written by grpo_lib.pipeline), linked |
 | headline table     | ``<run>/summary.json`` ["test"] (and ["unseen"]): per requested count N, exact-count accuracy k/m per stage (base -> cold start -> GRPO) with its Wilson 95 % interval |
-| quality guard      | ``summary.json`` ["test_quality_guard"]: GRPO's worst relative drop vs its start, pass / fail |
+| quality guard      | ``summary.json`` ["test_quality_guard"]: worst relative drop vs the stage's start and vs the base, pass / fail |
 | plots              | ``<run>/grpo/*.png``, embedded as base64 thumbnails (the page opens offline, alone) |
 | timings            | ``<run>/timings.json`` (seconds and peak memory per stage)                      |
 
@@ -64,16 +64,25 @@ def accuracy_table_html(records: list[dict], caption: str) -> str:
             + "".join(rows) + "</table>")
 
 
+def _verdict(ok: bool) -> str:
+    return f"<span class=\"{'ok' if ok else 'bad'}\">{'pass' if ok else 'FAIL'}</span>"
+
+
 def _guard_html(guard: list[dict]) -> str:
     rows = []
     for g in guard:
         if "guard_pass" not in g or g.get("guard_pass") is None:
             continue
         drop = g.get("worst_drop_vs_start")
+        if drop is None:
+            continue
         ok = bool(g["guard_pass"])
-        rows.append(f"<li>{html.escape(STAGE_NAMES.get(g.get('stage'), str(g.get('stage'))))}: worst quality drop vs "
-                    f"its start {drop:.1%} &rarr; <span class=\"{'ok' if ok else 'bad'}\">"
-                    f"{'pass' if ok else 'FAIL'}</span></li>" if drop is not None else "")
+        line = (f"{html.escape(STAGE_NAMES.get(g.get('stage'), str(g.get('stage'))))}: worst quality drop vs "
+                f"its start {drop:.1%} &rarr; {_verdict(ok)}")
+        base_drop = g.get("worst_drop_vs_base")
+        if base_drop is not None and g.get("guard_pass_vs_base") is not None and g.get("stage") != "base":
+            line += f"; vs the base {base_drop:.1%} &rarr; {_verdict(bool(g['guard_pass_vs_base']))}"
+        rows.append(f"<li>{line}</li>")
     return f"<ul>{''.join(rows)}</ul>" if rows else ""
 
 

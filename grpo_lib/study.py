@@ -94,32 +94,57 @@ def cold_start_curve(run_dir: str | Path, *, base: str | Path | None = None, pro
     return pd.DataFrame(out)
 
 
-def compare_paired(stages: dict[str, "Recipe"], *, prompts: str | None = None, split: str = "val",
-                   images_per_prompt: int = 2, num_steps: int = 20, seed: int = 0,
-                   versus: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Exact-count accuracy of each named policy recipe on one split (same noise per image for all), and each
-    one's paired change against the first and against every stage named in ``versus``
-    (``evaluate.paired_difference``: difference, 95 % interval, images gained / lost, McNemar p).
-
+def split_tables(stages: dict[str, "Recipe"], *, prompts: str | None = None, split: str = "val",
+                 images_per_prompt: int = 2, num_steps: int = 20, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Per-image tables of each named policy recipe on one split, the same noise per image for all.
     ``split="val"`` is for choosing; ``split="test"`` (test prompts, the final evaluation's noise seeds) is for
     the final figure only. ``prompts`` overrides the split's file (the noise seeds stay the split's)."""
-    from .evaluate import paired_difference
     from .prompts import load_rows
 
-    missing = [v for v in versus if v not in stages]
-    if missing:
-        raise ValueError(f"versus={missing} names no stage; stages are {list(stages)}")
     _split_seed(split, seed)                                   # names a bad split before any sampling
     rows = load_rows(prompts or SPLITS[split])
-    tables = {name: _split_table(recipe, rows, images_per_prompt=images_per_prompt, num_steps=num_steps, seed=seed,
-                                 split=split)
-              for name, recipe in stages.items()}
+    return {name: _split_table(recipe, rows, images_per_prompt=images_per_prompt, num_steps=num_steps, seed=seed,
+                               split=split)
+            for name, recipe in stages.items()}
+
+
+def shape_match_by_shape(table: pd.DataFrame) -> dict:
+    """Mean shape match per requested shape (``shape_match_circle`` ...): a model that draws squares when
+    asked for circles keeps its count (the detector counts by colour) but loses here."""
+    shape = table["class"].str.split().str[-1]
+    return {f"shape_match_{k}": float(v) for k, v in table.groupby(shape)["shape_match"].mean().items()}
+
+
+def _check_references(stages, versus: tuple[str, ...], guard_vs: str | None) -> None:
+    missing = [v for v in (*versus, *([guard_vs] if guard_vs else [])) if v not in stages]
+    if missing:
+        raise ValueError(f"versus / guard_vs {missing} names no stage; stages are {list(stages)}")
+
+
+def compare_tables(tables: dict[str, pd.DataFrame], *, versus: tuple[str, ...] = (), guard_vs: str | None = None,
+                   guard_max_drop: float = 0.05) -> pd.DataFrame:
+    """One row per stage: exact-count accuracy with its interval, shape match (overall and per shape), and the
+    paired change against the first stage and every stage in ``versus`` (``evaluate.paired_difference``:
+    difference, 95 % interval, images gained / lost, McNemar p). With ``guard_vs``, also each stage's worst
+    relative quality drop against that stage and the guard ``worst_drop_vs_<guard_vs> <= guard_max_drop``."""
+    from .evaluate import paired_difference
+    from .experiment import quality_change, quality_means
+
+    _check_references(tables, versus, guard_vs)
+    worst = None
+    if guard_vs:
+        means = quality_means(tables)
+        worst = quality_change(means, means.loc[guard_vs])[1]
     first = next(iter(tables))
     out = []
     for name, t in tables.items():
         acc = _accuracy(t)
         row = {"stage": name, **acc,
-               "shape_match": float(t["shape_match"].mean()) if "shape_match" in t else float("nan")}
+               "shape_match": float(t["shape_match"].mean()) if "shape_match" in t else float("nan"),
+               **(shape_match_by_shape(t) if {"shape_match", "class"} <= set(t) else {})}
+        if worst is not None:
+            row.update({f"worst_drop_vs_{guard_vs}": float(worst.loc[name]),
+                        f"guard_pass_vs_{guard_vs}": bool(worst.loc[name] <= guard_max_drop)})
         for ref in dict.fromkeys((first, *versus)):
             if name != ref:
                 d = paired_difference(tables[ref], t)
@@ -128,6 +153,15 @@ def compare_paired(stages: dict[str, "Recipe"], *, prompts: str | None = None, s
         out.append(row)
         print(f"[study] {name}: {acc['accuracy']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]", flush=True)
     return pd.DataFrame(out)
+
+
+def compare_paired(stages: dict[str, "Recipe"], *, prompts: str | None = None, split: str = "val",
+                   images_per_prompt: int = 2, num_steps: int = 20, seed: int = 0,
+                   versus: tuple[str, ...] = (), guard_vs: str | None = None) -> pd.DataFrame:
+    """:func:`compare_tables` of :func:`split_tables`: every named recipe on one split, paired."""
+    _check_references(stages, versus, guard_vs)                # before any sampling
+    return compare_tables(split_tables(stages, prompts=prompts, split=split, images_per_prompt=images_per_prompt,
+                                       num_steps=num_steps, seed=seed), versus=versus, guard_vs=guard_vs)
 
 
 def plot_curve(df: pd.DataFrame, path: str | Path, title: str) -> Path:
@@ -434,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="val (choosing) or test (the final figure only: test prompts, test noise seeds)")
     m.add_argument("--versus", nargs="*", default=[], metavar="NAME",
                    help="also pair every stage against these stages (the first stage is always a reference)")
+    m.add_argument("--with-base", action="store_true",
+                   help="also sample the base (stage 'base') and guard every stage's quality against it")
+    m.add_argument("--guard-vs", default=None, metavar="NAME",
+                   help="the stage each stage's quality guard compares with (default: base with --with-base)")
+    m.add_argument("--per-count", default=None, metavar="CSV",
+                   help="also write per-count accuracy with Wilson intervals, one column group per stage")
     m.add_argument("--out", default="results/study/compare.csv")
     m.add_argument("--images-per-prompt", type=int, default=2)
     args = ap.parse_args(argv)
@@ -457,10 +497,23 @@ def main(argv: list[str] | None = None) -> int:
                 if not sep or not name or name in stages:
                     raise SystemExit(f"{item!r}: expected NAME=PATH with a new NAME (taken: {list(stages)})")
                 stages[name] = recipe(path)
-        df = compare_paired(stages, split=args.split, images_per_prompt=args.images_per_prompt,
-                            versus=tuple(args.versus))
+        if args.with_base:
+            if "base" in stages:
+                raise SystemExit("--with-base adds a stage named 'base'; another stage has that name")
+            stages["base"] = Recipe(base=base)
+        guard_vs = args.guard_vs or ("base" if args.with_base else None)
+        try:
+            _check_references(stages, tuple(args.versus), guard_vs)
+        except ValueError as e:
+            raise SystemExit(str(e))
+        tables = split_tables(stages, split=args.split, images_per_prompt=args.images_per_prompt)
+        df = compare_tables(tables, versus=tuple(args.versus), guard_vs=guard_vs)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.out, index=False)
+        if args.per_count:
+            from .evaluate import compare_stages
+            Path(args.per_count).parent.mkdir(parents=True, exist_ok=True)
+            compare_stages(tables).to_csv(args.per_count, index=False)
         print(df.round(4).to_string(index=False))
         return 0
     out = Path(args.out)

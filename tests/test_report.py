@@ -34,7 +34,8 @@ def fake_run(tmp_path):
                         _rec(7, (1, 0.018, 0.404), (2, 0.057, 0.510), (2, 0.057, 0.510)),
                         _rec("all", (6, 0.1, 0.5), (9, 0.2, 0.6), (11, 0.3, 0.7), n=20)],
                "test_quality_guard": [{"stage": "base", "guard_pass": True, "worst_drop_vs_start": 0.0},
-                                      {"stage": "grpo", "guard_pass": False, "worst_drop_vs_start": 0.083}]}
+                                      {"stage": "grpo", "guard_pass": False, "worst_drop_vs_start": 0.083,
+                                       "guard_pass_vs_base": False, "worst_drop_vs_base": 0.121}]}
     summary["test_paired"] = [{"change": "cold_start -> grpo", "n": 20, "diff": 0.034, "ci_low": 0.0163,
                                "ci_high": 0.0514, "gained": 5, "lost": 1, "p_value": 0.21875}]
     (run / "summary.json").write_text(json.dumps(summary))
@@ -66,6 +67,7 @@ def test_report_links_notebooks_tabulates_stages_and_embeds_plots(fake_run):
     assert row7.count("<b>") == 2                                 # a tie: both best stages bold
     assert '<tr class="all"><td>all</td>' in page and "0.550 <small>[0.300, 0.700]</small> <small>n=20</small>" in page
     assert 'FAIL' in page and "8.3%" in page and "epoch_0007" in page
+    assert 'vs the base 12.1% &rarr; <span class="bad">FAIL</span>' in page
     # plots embedded byte for byte, nothing fetched from disk or network
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert sorted(base64.b64decode(e) for e in embedded) == sorted(pngs.values())

@@ -70,8 +70,10 @@ def test_prompt_sets_split_and_format():
     val_prompts = {r["prompt"] for r in sets["val"]}
     assert not train_prompts & test_prompts
     assert not val_prompts & (train_prompts | test_prompts)          # val: prompts of its own
-    assert len(sets["val"]) == 140 and {row_target(r)[0] for r in sets["val"]} == set(scenes.VAL_CLASSES)
-    assert {n: sum(row_target(r)[1] == n for r in sets["val"]) for n in range(1, 11)} == {n: 14 for n in range(1, 11)}
+    assert len(sets["val"]) == 210 and {row_target(r)[0] for r in sets["val"]} == set(scenes.VAL_CLASSES)
+    assert {n: sum(row_target(r)[1] == n for r in sets["val"]) for n in range(1, 11)} == {n: 21 for n in range(1, 11)}
+    # every shape is validated, so a choice made on val sees a shape the model forgets
+    assert {row_target(r)[0].split()[1] for r in sets["val"]} == set(scenes.SHAPES)
     train_classes = {row_target(r)[0] for r in sets["train"]}
     assert not train_classes & (set(scenes.HELDOUT_CLASSES) | set(scenes.VAL_CLASSES))
     assert not any(scenes.HELDOUT_TEMPLATE.split("{n}")[0] in p for p in train_prompts)

@@ -22,7 +22,7 @@ def test_cold_start_curve_rows_and_base_point(tiny_base, tmp_path, repo):
     torch.set_num_threads(1)
     run = tmp_path / "run"
     ColdStart(_params(tiny_base, run)).train()
-    rows = load_rows(repo / "data" / "counting" / "val.jsonl")[::14]          # one prompt per count
+    rows = load_rows(repo / "data" / "counting" / "val.jsonl")[::21]          # one prompt per count
     prompts = tmp_path / "rows.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     df = cold_start_curve(run, base=tiny_base, prompts=str(prompts), images_per_prompt=2, num_steps=3,
@@ -43,7 +43,7 @@ def test_compare_paired_pairs_every_stage_with_the_first(tiny_base, tmp_path, re
     torch.set_num_threads(1)
     run = tmp_path / "run"
     ColdStart(_params(tiny_base, run, lr=5e-2)).train()
-    rows = load_rows(repo / "data" / "counting" / "val.jsonl")[::14]
+    rows = load_rows(repo / "data" / "counting" / "val.jsonl")[::21]
     prompts = tmp_path / "rows.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     lora = run / "cold_start" / "checkpoints" / "step_000004" / "lora"
@@ -80,8 +80,33 @@ def test_compare_paired_on_test_uses_the_test_seeds_and_pairs_versus(tiny_base, 
     assert df.iloc[0]["vs_tuned_gained"] == df.iloc[1]["vs_base_lost"]
     with pytest.raises(ValueError, match="split='train' is not one of"):
         compare_paired({"base": Recipe(base=tiny_base)}, split="train")
-    with pytest.raises(ValueError, match=r"versus=\['nope'\] names no stage"):
+    with pytest.raises(ValueError, match=r"versus / guard_vs \['nope'\] names no stage"):
         compare_paired({"base": Recipe(base=tiny_base)}, versus=("nope",))
+    with pytest.raises(ValueError, match=r"versus / guard_vs \['base2'\] names no stage"):
+        compare_paired({"base": Recipe(base=tiny_base)}, guard_vs="base2")
+
+
+def test_compare_tables_guards_quality_against_a_named_stage_and_splits_shape_match_by_shape():
+    """A stage that keeps its counts but draws squares for circles: accuracy ties, circles' shape match drops
+    0.9 -> 0.3, so its worst drop against the base is (0.9 - 0.6) / 0.9 overall and the guard fails."""
+    import pandas as pd
+
+    from grpo_lib.study import compare_tables
+
+    def table(circle_shape):
+        return pd.DataFrame({"prompt": ["p1", "p8", "q2", "q9"],
+                             "class": ["red circle", "red circle", "blue square", "blue square"],
+                             "target": [1, 8, 2, 9], "found": [1, 8, 2, 3], "correct": [True, True, True, False],
+                             "shape_match": [circle_shape, circle_shape, 0.9, 0.9], "confidence": [0.9] * 4})
+
+    df = compare_tables({"cold_start": table(0.3), "base": table(0.9)}, guard_vs="base").set_index("stage")
+    assert df.loc["base", "shape_match_circle"] == 0.9 and df.loc["cold_start", "shape_match_circle"] == 0.3
+    assert df.loc["cold_start", "shape_match_square"] == 0.9
+    assert df.loc["cold_start", "shape_match"] == pytest.approx(0.6)
+    assert df.loc["cold_start", "worst_drop_vs_base"] == pytest.approx(1 / 3)
+    assert df["guard_pass_vs_base"].to_dict() == {"cold_start": False, "base": True}
+    assert df.loc["base", "vs_cold_start_diff"] == 0 and df.loc["cold_start", "accuracy"] == 0.75
+    assert df.loc["cold_start", "accuracy_counts_7_10"] == 0.5
 
 
 # ------------------------------------------------------------------------------------------------

@@ -864,7 +864,8 @@ class GRPOTrainer:
             # the last epoch (by count or by time budget) is always evaluated and saved, so the most
             # trained weights are a candidate for the best checkpoint too
             out_of_time = bool(p.time_budget_minutes) and (time.perf_counter() - t_start) / 60 > p.time_budget_minutes
-            last = self.epoch == p.num_epochs or out_of_time
+            last_by_count = self.epoch == p.num_epochs
+            last = last_by_count or out_of_time
             new_best = False
             if self.epoch % p.eval_every == 0 or last:
                 self.policy_train_mode(False)
@@ -884,7 +885,11 @@ class GRPOTrainer:
             if self.acc.num_processes > 1 and save:
                 self.check_ranks_agree(f"after epoch {self.epoch}")
             if out_of_time:
-                self._log_event(f"time budget of {p.time_budget_minutes} min reached after epoch {self.epoch}")
+                lr_next = self.epoch_lr(self.epoch)
+                self._log_event(f"time budget of {p.time_budget_minutes} min reached after epoch {self.epoch}"
+                                + (f": WARNING, the {p.lr_schedule} lr is still {lr_next:.2e}, so the model is not "
+                                   "annealed; set time_budget_minutes: 0 to run every epoch"
+                                   if p.lr_schedule != "constant" and lr_next > 0 and not last_by_count else ""))
                 break
         self.acc.wait_for_everyone()
         return self.history

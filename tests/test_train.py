@@ -222,6 +222,18 @@ def test_time_budget_stop_evaluates_and_saves_the_last_epoch(tmp_path):
     ck = tmp_path / "tb" / "checkpoints"
     assert (ck / "latest").read_text() == "epoch_0001" and (ck / "best").read_text() == "epoch_0001"
     assert sorted(d.name for d in ck.iterdir() if d.is_dir()) == ["epoch_0001"]   # saved once, not twice
+    assert "time budget of 1e-09 min reached after epoch 1\n" in (tmp_path / "tb" / "events.log").read_text()
+
+
+def test_a_time_budget_that_cuts_a_cosine_run_says_the_model_is_not_annealed(tmp_path):
+    # the cosine lr of epoch 1 of 10 is still lr (1 + cos(pi / 10)) / 2: the log says the model is not annealed
+    p = small_params(tmp_path / "cos", num_epochs=10, eval_every=5, save_every=5, time_budget_minutes=1e-9,
+                     lr=1e-7, eval_max_prompts=4, lr_schedule="cosine")
+    run(p, policy=tiny_policy(), reward_fn=brightness_reward)
+    lr1 = 1e-7 * (1 + np.cos(np.pi / 10)) / 2
+    assert (f"time budget of 1e-09 min reached after epoch 1: WARNING, the cosine lr is still {lr1:.2e}, so the "
+            "model is not annealed; set time_budget_minutes: 0 to run every epoch") in (tmp_path / "cos" / "events.log"
+                                                                                         ).read_text()
 
 
 def test_a_new_best_off_the_save_grid_is_saved_and_named_best(tmp_path):

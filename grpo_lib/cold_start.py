@@ -14,6 +14,7 @@ LoRA on the base's denoiser:
 | ``logit_mean``, ``logit_std``, ``timestep_shift`` | sigma's logit-normal density and shift (``flow_matching.sample_timesteps``) |
 | ``weighting``                 | w(sigma) (``flow_matching.loss_weight``)                               |
 | ``batch_size`` x ``grad_accum`` x processes | samples per optimizer step                              |
+| ``prior_mix``                 | share of x_0 replayed from the base's pretraining scenes (prior preservation, embedded) |
 
 Data. Embedded world: ``scenes.ExactCountDataset`` renders, for each sample, a scene with exactly the
 count its prompt row asks for (``data/counting/train.jsonl``: counts 1-10, captions that always say the
@@ -97,6 +98,7 @@ class ColdStartParams:
     grad_accum: int = 1                                # micro-batches per optimizer step
     max_grad_norm: float = 1.0                         # gradient clipping (0 disables it)
     caption_dropout: float = 0.1                       # probability of training on the empty prompt (CFG)
+    prior_mix: float = 0.0                             # embedded: share of samples replayed from the base's pretraining scenes
     logit_mean: float = 0.0                            # m of the logit-normal noise level
     logit_std: float = 1.0                             # s of the logit-normal noise level
     timestep_shift: float = 1.0                        # shift of the training noise level (SD3.5: 3.0)
@@ -147,6 +149,11 @@ class ColdStartParams:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if not 0 <= self.prior_mix < 1:
+            raise ValueError(f"prior_mix={self.prior_mix} must be in [0, 1)")
+        if self.world == "sd3" and self.prior_mix:
+            raise ValueError(f"prior_mix={self.prior_mix} replays the embedded world's pretraining scenes; "
+                             "world='sd3' has none here (put the base's own images in the image folder instead)")
         if self.world == "embedded" and not self.prompts:
             raise ValueError("world='embedded' renders its training scenes from prompts (a JSONL of counting rows); "
                              "prompts is empty")
@@ -186,15 +193,34 @@ def denoiser(policy) -> torch.nn.Module:
 
 
 class EmbeddedCountingData:
-    """Exact-count scenes for the rows of ``prompts`` (``scenes.ExactCountDataset``), one fresh scene per position."""
+    """Exact-count scenes for the rows of ``prompts`` (``scenes.ExactCountDataset``), one fresh scene per position.
 
-    def __init__(self, rows: Sequence[dict], seed: int, size: int = 32):
-        from .scenes import ExactCountDataset
+    With ``prior_mix`` = p > 0, each position is, with probability p (keyed on the seed and the position, so
+    batch splits and resumes see the same data), a scene of the base's own pretraining distribution instead
+    (``scenes.WebCaptionDataset``: every colour-shape pair, vague web captions). That is prior preservation:
+    the counting rows lack some colour-shape pairs, and a cold start on them alone forgets how to draw those
+    (circles in colours the rows only show as squares). Replay uses counts above ``WEB_EXACT_MAX`` only, whose
+    captions carry no number word, so no replayed caption is a val or test prompt."""
 
+    def __init__(self, rows: Sequence[dict], seed: int, size: int = 32, prior_mix: float = 0.0):
+        from .prompts import WEB_EXACT_MAX
+        from .scenes import ExactCountDataset, WebCaptionDataset
+
+        if not 0 <= prior_mix < 1:
+            raise ValueError(f"prior_mix={prior_mix} must be in [0, 1)")
+        self.seed, self.prior_mix = seed, prior_mix
         self.ds = ExactCountDataset(rows, length=2 ** 62, seed=seed, size=size)
+        self.prior = (WebCaptionDataset(2 ** 62, seed=seed, size=size, min_count=WEB_EXACT_MAX + 1)
+                      if prior_mix > 0 else None)
+
+    def item(self, position: int) -> dict:
+        if self.prior is not None and np.random.default_rng(
+                sample_seed(self.seed, 0, position, "cold_start_prior")).random() < self.prior_mix:
+            return self.prior[position]
+        return self.ds[position]
 
     def __call__(self, positions: np.ndarray) -> tuple[torch.Tensor, list[str]]:
-        items = [self.ds[int(i)] for i in positions]
+        items = [self.item(int(i)) for i in positions]
         x0 = torch.from_numpy(np.stack([it["pixels"] for it in items]))          # (B, 3, H, W) in [-1, 1]
         return x0, [it["prompt"] for it in items]
 
@@ -287,7 +313,8 @@ class ColdStart:
         if not self.params_list:
             raise ValueError("the policy has no trainable parameters; cold start trains a LoRA (add_lora first)")
         if embedded:
-            self.data = EmbeddedCountingData(load_rows(p.prompts), p.seed, size=self.policy.latent_shape[-1])
+            self.data = EmbeddedCountingData(load_rows(p.prompts), p.seed, size=self.policy.latent_shape[-1],
+                                             prior_mix=p.prior_mix)
         else:
             self.data = ImageFolderData(self.policy, p.image_folder, self.policy.height, p.seed,
                                         batch_size=p.eval_batch_size, progress=p.progress)

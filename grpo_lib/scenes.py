@@ -217,18 +217,19 @@ class WebCaptionDataset(_SceneDataset):
     exact numbers only up to three, so a model pretrained on it counts badly above three."""
 
     def __init__(self, length: int, seed: int = 0, size: int = 32, max_count: int = 10,
-                 classes: Iterable[str] | None = None, background_noise: float = 0.0):
+                 classes: Iterable[str] | None = None, background_noise: float = 0.0, min_count: int = 1):
         super().__init__(length, seed, size, background_noise)
         self.classes = list(classes) if classes is not None else all_classes()
         for c in self.classes:
             parse_class(c)
-        if not 1 <= max_count <= MAX_COUNT:
-            raise ValueError(f"max_count={max_count} must be in 1..{MAX_COUNT}")
-        self.max_count = max_count
+        if not 1 <= min_count <= max_count <= MAX_COUNT:
+            raise ValueError(f"min_count={min_count}, max_count={max_count}: need 1 <= min_count <= max_count "
+                             f"<= {MAX_COUNT}")
+        self.min_count, self.max_count = min_count, max_count
 
     def _spec(self, idx, rng):
         cls = self.classes[int(rng.integers(len(self.classes)))]
-        count = int(rng.integers(1, self.max_count + 1))
+        count = int(rng.integers(self.min_count, self.max_count + 1))
         return cls, count, web_caption(cls, count, rng)
 
 

@@ -141,10 +141,41 @@ def test_bad_params_name_the_value(tiny_base, tmp_path):
         ColdStartParams(world="sd3")
     with pytest.raises(ValueError, match="caption_dropout=1.0"):
         ColdStartParams(caption_dropout=1.0)
+    with pytest.raises(ValueError, match=r"prior_mix=1.0 must be in \[0, 1\)"):
+        ColdStartParams(prior_mix=1.0)
+    with pytest.raises(ValueError, match="prior_mix=0.2 replays the embedded world's pretraining scenes"):
+        ColdStartParams(world="sd3", image_folder="x", prior_mix=0.2)
     with pytest.raises(ValueError, match="num_processes=0 must be >= 1"):
         ColdStartParams(num_processes=0)
     with pytest.raises(ValueError, match="resolution=64 but the embedded checkpoint"):
         ColdStart(_params(tiny_base, tmp_path, resolution=64))
+
+
+def test_prior_mix_replays_every_class_with_no_number_word_keyed_on_the_position(repo):
+    """prior_mix 0.25: about a quarter of positions are pretraining scenes (all 18 colour-shape pairs, counts
+    above 3, vague captions, so never a val or test prompt); the rest, and every position at prior_mix 0,
+    are the exact-count scenes. The same position gives the same sample in any batch split."""
+    from grpo_lib.cold_start import EmbeddedCountingData
+    from grpo_lib.prompts import NUMBER_WORDS, all_classes, load_rows
+
+    rows = load_rows(repo / "data" / "counting" / "train.jsonl")
+    plain, mixed = EmbeddedCountingData(rows, seed=0), EmbeddedCountingData(rows, seed=0, prior_mix=0.25)
+    train_prompts = {r["prompt"] for r in rows}
+    held_out = {r["prompt"] for s in ("val", "test") for r in load_rows(repo / "data" / "counting" / f"{s}.jsonl")}
+    items = [mixed.item(i) for i in range(2000)]
+    replayed = [it for it in items if it["prompt"] not in train_prompts]
+    assert 0.22 <= len(replayed) / 2000 <= 0.28
+    assert {it["cls"] for it in replayed} == set(all_classes())
+    assert min(it["count"] for it in replayed) == 4
+    assert not {w for it in replayed for w in it["prompt"].split()} & set(NUMBER_WORDS)
+    assert not {it["prompt"] for it in items} & held_out
+    for i, it in enumerate(items[:200]):
+        if it["prompt"] in train_prompts:              # an exact-count position is the plain data's sample
+            assert it["prompt"] == plain.item(i)["prompt"]
+            assert np.array_equal(it["pixels"], plain.item(i)["pixels"])
+    x_all, p_all = mixed(np.arange(64))
+    x_half, p_half = mixed(np.arange(32, 64))
+    assert p_all[32:] == p_half and torch.equal(x_all[32:], x_half)
 
 
 def _imagefolder(folder, n=6, size=64):

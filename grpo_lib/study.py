@@ -422,6 +422,17 @@ def summary_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_count_markdown(per_count: pd.DataFrame) -> str:
+    """``evaluate.compare_stages``'s table as Markdown: one row per requested count (and "all"), one column per
+    stage, each cell ``accuracy [95 % Wilson interval]``; the image count of each row is in the second column."""
+    stages = [c[:-len("_accuracy")] for c in per_count.columns if c.endswith("_accuracy")]
+    lines = ["| N | images | " + " | ".join(stages) + " |", "|---|---|" + "---|" * len(stages)]
+    for _, r in per_count.iterrows():
+        cells = [f"{r[s + '_accuracy']:.3f} [{r[s + '_ci_low']:.3f}, {r[s + '_ci_high']:.3f}]" for s in stages]
+        lines.append(f"| {r['count']} | {int(r[stages[0] + '_n'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def image_grid(p: StudyParams, picks: dict[str, Path], path: str | Path) -> Path:
     """One row per policy (``name -> LoRA dir``, ``None`` = the cold start), one val image per column:
     ``grid_prompts`` prompts spread over the counts, the same noise in every row; captions say found/asked."""
@@ -513,7 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.per_count:
             from .evaluate import compare_stages
             Path(args.per_count).parent.mkdir(parents=True, exist_ok=True)
-            compare_stages(tables).to_csv(args.per_count, index=False)
+            per_count = compare_stages(tables)
+            per_count.to_csv(args.per_count, index=False)
+            Path(args.per_count).with_suffix(".md").write_text(per_count_markdown(per_count))
+            print(per_count_markdown(per_count))
         print(df.round(4).to_string(index=False))
         return 0
     out = Path(args.out)

@@ -109,6 +109,21 @@ def test_compare_tables_guards_quality_against_a_named_stage_and_splits_shape_ma
     assert df.loc["cold_start", "accuracy_counts_7_10"] == 0.5
 
 
+def test_per_count_markdown_has_a_row_per_count_and_a_column_per_stage():
+    import pandas as pd
+
+    from grpo_lib.evaluate import compare_stages, wilson_interval
+    from grpo_lib.study import per_count_markdown
+
+    a = pd.DataFrame({"target": [1, 1, 2, 2], "found": [1, 2, 2, 2]})
+    b = pd.DataFrame({"target": [1, 1, 2, 2], "found": [1, 1, 2, 3]})
+    md = per_count_markdown(compare_stages({"cold_start": a, "nft": b})).splitlines()
+    assert md[0] == "| N | images | cold_start | nft |"
+    lo, hi = wilson_interval(1, 2)
+    assert md[2] == f"| 1 | 2 | {0.5:.3f} [{lo:.3f}, {hi:.3f}] | 1.000 [{wilson_interval(2, 2)[0]:.3f}, 1.000] |"
+    assert md[-1].startswith("| all | 4 | 0.750 [")
+
+
 # ------------------------------------------------------------------------------------------------
 # notebooks/05_sample_efficiency: budgets, reach table, and the notebook at smoke size
 # ------------------------------------------------------------------------------------------------

@@ -38,8 +38,10 @@ def _split_seed(split: str, seed: int) -> int:
 
 
 def _split_table(recipe, rows, *, images_per_prompt: int, num_steps: int, shift: float = 1.0,
-                 guidance_scale: float = 1.0, seed: int = 0, split: str = "val", progress: bool = False) -> pd.DataFrame:
-    """Per-image table of ``recipe``'s policy on ``rows`` (ODE, the ``split``'s noise seeds)."""
+                 guidance_scale: float = 1.0, seed: int = 0, split: str = "val", progress: bool = False,
+                 images_out: dict | None = None, name: str = "") -> pd.DataFrame:
+    """Per-image table of ``recipe``'s policy on ``rows`` (ODE, the ``split``'s noise seeds); the images go
+    to ``images_out[name]`` when a dict is given."""
     from .checkpoints import load_policy
     from .evaluate import per_image_table
     from .rollout import sample_for_rows
@@ -47,6 +49,8 @@ def _split_table(recipe, rows, *, images_per_prompt: int, num_steps: int, shift:
     images, flat = sample_for_rows(load_policy(recipe), rows, images_per_prompt=images_per_prompt,
                                    num_steps=num_steps, shift=shift, guidance_scale=guidance_scale,
                                    seed=_split_seed(split, seed), progress=progress)
+    if images_out is not None:
+        images_out[name] = images
     return per_image_table(images, flat)
 
 
@@ -95,17 +99,34 @@ def cold_start_curve(run_dir: str | Path, *, base: str | Path | None = None, pro
 
 
 def split_tables(stages: dict[str, "Recipe"], *, prompts: str | None = None, split: str = "val",
-                 images_per_prompt: int = 2, num_steps: int = 20, seed: int = 0) -> dict[str, pd.DataFrame]:
+                 images_per_prompt: int = 2, num_steps: int = 20, seed: int = 0,
+                 guidance_scale: float = 1.0, images_out: dict | None = None) -> dict[str, pd.DataFrame]:
     """Per-image tables of each named policy recipe on one split, the same noise per image for all.
     ``split="val"`` is for choosing; ``split="test"`` (test prompts, the final evaluation's noise seeds) is for
-    the final figure only. ``prompts`` overrides the split's file (the noise seeds stay the split's)."""
+    the final figure only. ``prompts`` overrides the split's file (the noise seeds stay the split's).
+    ``guidance_scale`` is the CFG scale w of every stage (1 = off); ``images_out`` receives each stage's images."""
     from .prompts import load_rows
 
     _split_seed(split, seed)                                   # names a bad split before any sampling
     rows = load_rows(prompts or SPLITS[split])
     return {name: _split_table(recipe, rows, images_per_prompt=images_per_prompt, num_steps=num_steps, seed=seed,
-                               split=split)
+                               split=split, guidance_scale=guidance_scale, images_out=images_out, name=name)
             for name, recipe in stages.items()}
+
+
+def stage_grid(images: dict[str, "np.ndarray"], tables: dict[str, pd.DataFrame], path: str | Path, *,
+               per_count: int = 1, title: str = "") -> Path:
+    """One row per stage, the same images (same prompt and noise) in every column: ``per_count`` per requested
+    count (``evaluate.select_for_grid``); each caption is found / asked."""
+    import numpy as np
+
+    from .evaluate import save_image_grid, select_for_grid
+
+    idx = select_for_grid(next(iter(tables.values())), per_count=per_count)
+    captions = [[f"{f}/{n}" for f, n in zip(t["found"].to_numpy()[idx], t["target"].to_numpy()[idx])]
+                for t in tables.values()]
+    return save_image_grid(np.stack([images[name][idx] for name in tables]), path, row_labels=list(tables),
+                           captions=captions, title=title or "same prompt and noise per column; caption: found / asked")
 
 
 def shape_match_by_shape(table: pd.DataFrame) -> dict:
@@ -157,11 +178,13 @@ def compare_tables(tables: dict[str, pd.DataFrame], *, versus: tuple[str, ...] =
 
 def compare_paired(stages: dict[str, "Recipe"], *, prompts: str | None = None, split: str = "val",
                    images_per_prompt: int = 2, num_steps: int = 20, seed: int = 0,
-                   versus: tuple[str, ...] = (), guard_vs: str | None = None) -> pd.DataFrame:
+                   versus: tuple[str, ...] = (), guard_vs: str | None = None,
+                   guidance_scale: float = 1.0) -> pd.DataFrame:
     """:func:`compare_tables` of :func:`split_tables`: every named recipe on one split, paired."""
     _check_references(stages, versus, guard_vs)                # before any sampling
     return compare_tables(split_tables(stages, prompts=prompts, split=split, images_per_prompt=images_per_prompt,
-                                       num_steps=num_steps, seed=seed), versus=versus, guard_vs=guard_vs)
+                                       num_steps=num_steps, seed=seed, guidance_scale=guidance_scale),
+                          versus=versus, guard_vs=guard_vs)
 
 
 def plot_curve(df: pd.DataFrame, path: str | Path, title: str) -> Path:
@@ -485,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the stage each stage's quality guard compares with (default: base with --with-base)")
     m.add_argument("--per-count", default=None, metavar="CSV",
                    help="also write per-count accuracy with Wilson intervals, one column group per stage")
+    m.add_argument("--grid", default=None, metavar="PNG",
+                   help="also save one row of images per stage (2 per count, the same noise in every row)")
+    m.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="CFG scale of every stage's sampling (1 = off, the pipeline's evaluation)")
     m.add_argument("--out", default="results/study/compare.csv")
     m.add_argument("--images-per-prompt", type=int, default=2)
     args = ap.parse_args(argv)
@@ -517,7 +544,13 @@ def main(argv: list[str] | None = None) -> int:
             _check_references(stages, tuple(args.versus), guard_vs)
         except ValueError as e:
             raise SystemExit(str(e))
-        tables = split_tables(stages, split=args.split, images_per_prompt=args.images_per_prompt)
+        images: dict = {}
+        tables = split_tables(stages, split=args.split, images_per_prompt=args.images_per_prompt,
+                              guidance_scale=args.guidance_scale, images_out=images)
+        if args.grid:
+            stage_grid(images, tables, args.grid, per_count=2,
+                       title=f"{args.split}, CFG {args.guidance_scale:g}: same prompt and noise per column; "
+                             "caption: found / asked")
         df = compare_tables(tables, versus=tuple(args.versus), guard_vs=guard_vs)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.out, index=False)

@@ -3,6 +3,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,33 @@ def test_compare_paired_on_test_uses_the_test_seeds_and_pairs_versus(tiny_base, 
         compare_paired({"base": Recipe(base=tiny_base)}, versus=("nope",))
     with pytest.raises(ValueError, match=r"versus / guard_vs \['base2'\] names no stage"):
         compare_paired({"base": Recipe(base=tiny_base)}, guard_vs="base2")
+
+
+def test_split_tables_sample_with_cfg_and_the_grid_shows_the_same_images(tiny_base, tmp_path, repo):
+    """guidance_scale reaches the sampler (the table equals sample_for_rows at that CFG, and differs from CFG 1);
+    images_out keeps each stage's images, and stage_grid draws those, one row per stage."""
+    from PIL import Image
+
+    from grpo_lib.checkpoints import Recipe
+    from grpo_lib.study import split_tables, stage_grid
+
+    torch.set_num_threads(1)
+    rows = load_rows(repo / "data" / "counting" / "val.jsonl")[::21]
+    prompts = tmp_path / "rows.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    images = {}
+    tables = split_tables({"base": Recipe(base=tiny_base), "again": Recipe(base=tiny_base)}, prompts=str(prompts),
+                          num_steps=3, guidance_scale=3.0, images_out=images)
+    base = TinyPolicy.from_pretrained(tiny_base).eval()
+    cfg3, flat = sample_for_rows(base, rows, images_per_prompt=2, num_steps=3, seed=selection_seed(0),
+                                 guidance_scale=3.0)
+    cfg1, _ = sample_for_rows(base, rows, images_per_prompt=2, num_steps=3, seed=selection_seed(0))
+    assert np.array_equal(images["base"], cfg3) and np.array_equal(images["again"], cfg3)
+    assert not np.array_equal(cfg1, cfg3)
+    assert tables["base"].equals(per_image_table(cfg3, flat))
+    png = stage_grid(images, tables, tmp_path / "grid.png", per_count=1)
+    w, h = Image.open(png).size
+    assert w > h > 0                                    # 2 rows (stages) x 10 columns (one image per count)
 
 
 def test_compare_tables_guards_quality_against_a_named_stage_and_splits_shape_match_by_shape():

@@ -256,13 +256,20 @@ def test_compare_cli_builds_each_stage_on_its_own_start(tmp_path, monkeypatch):
     (ck / "lora").mkdir(parents=True)
     (ck / "params.json").write_text(json.dumps({"model": str(tmp_path / "base"),
                                                 "cold_start_lora": str(tmp_path / "cs_step_2000")}))
-    seen = {}
+    seen, options = {}, {}
 
-    def fake_compare(stages, **kw):
+    def fake_tables(stages, **kw):
+        seen.clear()
         seen.update(stages)
-        return pd.DataFrame({"stage": list(stages)})
+        options.update(kw)
+        return {name: None for name in stages}
 
-    monkeypatch.setattr(study, "compare_paired", fake_compare)
+    def fake_compare(tables, **kw):
+        options.update(kw)
+        return pd.DataFrame({"stage": list(tables)})
+
+    monkeypatch.setattr(study, "split_tables", fake_tables)
+    monkeypatch.setattr(study, "compare_tables", fake_compare)
     base = tmp_path / "base"
     assert study.main(["compare", "--base", str(base), "--cold-start", str(tmp_path / "cs_step_500"),
                        "rl=" + str(tmp_path / "rl_ck"), "--on-base", "control=" + str(tmp_path / "long_cs"),
@@ -273,5 +280,13 @@ def test_compare_cli_builds_each_stage_on_its_own_start(tmp_path, monkeypatch):
         "control": Recipe(base=base, lora=tmp_path / "long_cs"),
         "split": Recipe(base=base, merges=(tmp_path / "cs_step_2000",), lora=ck / "lora"),
     }
+    assert options["guidance_scale"] == 1.0 and options["guard_vs"] is None
+    # --with-base adds the base as a stage and guards every stage's quality against it; CFG reaches the sampler
+    assert study.main(["compare", "--base", str(base), "--cold-start", str(tmp_path / "cs_step_500"), "--with-base",
+                       "--guidance-scale", "2", "--out", str(tmp_path / "c.csv")]) == 0
+    assert seen == {"cold_start": Recipe(base=base, merges=(tmp_path / "cs_step_500",)), "base": Recipe(base=base)}
+    assert options["guidance_scale"] == 2.0 and options["guard_vs"] == "base"
+    with pytest.raises(SystemExit, match=r"versus / guard_vs \['nope'\] names no stage"):
+        study.main(["compare", "--cold-start", "x", "--guard-vs", "nope", "--out", str(tmp_path / "d.csv")])
     with pytest.raises(SystemExit, match="expected NAME=PATH with a new NAME"):
         study.main(["compare", "--cold-start", "x", "--own-start", "rl", "--out", str(tmp_path / "d.csv")])

@@ -61,15 +61,17 @@ class CleanSamples:
                        images=None if self.images is None else self.images[np_idx])
 
 
-def policy_velocity(policy, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+def policy_velocity(policy, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
+                    guidance_scale: float = 1.0) -> torch.Tensor:
     """v_theta(x_t, t | c) in the SD3 convention (t = noise level), whatever the policy's own convention.
 
     ``noise_at_zero`` policies (Show-o2) run at s = 1 - t and return dx/ds = -(eps - x0): the sign flips back.
+    ``guidance_scale`` g > 1 returns the guided velocity v_u + g (v_c - v_u) (linear, so the flip commutes).
     """
     convention = check_convention(policy.convention)
     if convention == "noise_at_one":
-        return policy.velocity(x_t, t, cond, 1.0).float()
-    return -policy.velocity(x_t, 1.0 - t, cond, 1.0).float()
+        return policy.velocity(x_t, t, cond, guidance_scale).float()
+    return -policy.velocity(x_t, 1.0 - t, cond, guidance_scale).float()
 
 
 def noisy_sample(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,20 +280,21 @@ def grpo_step(policy, reference, traj, columns: torch.Tensor, adv: torch.Tensor,
 
 
 def _clean_forwards(policy, reference, anchor, samples: CleanSamples, t, eps, *, want_ref: bool,
-                    want_anchor: bool, autocast):
-    """x_t, v* and the three velocities (anchor and reference without grad, first; then theta with grad)."""
+                    want_anchor: bool, autocast, guidance_scale: float = 1.0):
+    """x_t, v* and the three velocities (anchor and reference without grad, first; then theta with grad),
+    all at CFG ``guidance_scale`` (``train_guidance_scale``: 1 trains the conditional velocity)."""
     x0 = samples.final_latents
     x_t, target = noisy_sample(x0, eps, t)
     v_old = v_ref = None
     with torch.no_grad():
         if want_anchor:
             with anchor.swapped_in(), autocast():
-                v_old = policy_velocity(policy, x_t, t, samples.cond)
+                v_old = policy_velocity(policy, x_t, t, samples.cond, guidance_scale)
         if want_ref:
             with reference(), autocast():
-                v_ref = policy_velocity(policy, x_t, t, samples.cond)
+                v_ref = policy_velocity(policy, x_t, t, samples.cond, guidance_scale)
     with autocast():
-        v = policy_velocity(policy, x_t, t, samples.cond)
+        v = policy_velocity(policy, x_t, t, samples.cond, guidance_scale)
     return x0, x_t, target, v, v_old, v_ref
 
 
@@ -299,7 +302,8 @@ def nft_step(policy, reference, anchor, samples: CleanSamples, adv, t, eps, p, a
     """DiffusionNFT on one noise level per sample: :func:`nft_loss` with v_old from the anchor (the
     sampling policy) and the optional velocity KL (``p.beta``) to the reference."""
     x0, x_t, _, v, v_old, v_ref = _clean_forwards(policy, reference, anchor, samples, t, eps,
-                                                  want_ref=p.beta > 0, want_anchor=True, autocast=autocast)
+                                                  want_ref=p.beta > 0, want_anchor=True, autocast=autocast,
+                                                  guidance_scale=p.train_guidance_scale)
     r = nft_optimality(adv, p.adv_clip_max)
     loss, stats = nft_loss(v, v_old, v_ref, x_t, x0, t, r, nft_beta=p.nft_beta, scale=p.adv_clip_max,
                            kl_beta=p.beta)
@@ -311,20 +315,22 @@ def awm_step(policy, reference, anchor, samples: CleanSamples, adv, t, eps, p, a
     and, with ``p.anchor_beta > 0``, to the slowly moving anchor."""
     _, _, target, v, v_anchor, v_ref = _clean_forwards(
         policy, reference, anchor, samples, t, eps, want_ref=p.beta > 0,
-        want_anchor=anchor is not None and p.anchor_beta > 0, autocast=autocast)
+        want_anchor=anchor is not None and p.anchor_beta > 0, autocast=autocast,
+        guidance_scale=p.train_guidance_scale)
     loss, stats = awm_loss(v, v_ref, v_anchor, target, t, adv, adv_clip_max=p.adv_clip_max,
                            weighting=p.awm_weighting, p=p.awm_p, kl_beta=p.beta, anchor_beta=p.anchor_beta)
     return loss, {"loss": loss.detach(), **stats}
 
 
 @torch.no_grad()
-def dgpo_scores(policy, reference, samples: CleanSamples, t, eps, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def dgpo_scores(policy, reference, samples: CleanSamples, t, eps, autocast, guidance_scale: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(FM_theta, FM_ref) per sample at (t, eps), no grad: what :func:`dgpo_group_sums` needs."""
     x_t, target = noisy_sample(samples.final_latents, eps, t)
     with reference(), autocast():
-        fm_ref = _per_sample((policy_velocity(policy, x_t, t, samples.cond) - target) ** 2)
+        fm_ref = _per_sample((policy_velocity(policy, x_t, t, samples.cond, guidance_scale) - target) ** 2)
     with autocast():
-        fm = _per_sample((policy_velocity(policy, x_t, t, samples.cond) - target) ** 2)
+        fm = _per_sample((policy_velocity(policy, x_t, t, samples.cond, guidance_scale) - target) ** 2)
     return fm, fm_ref
 
 
@@ -332,7 +338,8 @@ def dgpo_step(policy, reference, samples: CleanSamples, adv, t, eps, weight, p, 
     """DGPO on one noise level per sample (shared by its group): :func:`dgpo_loss` with the group weights
     ``weight`` (B,) and the optional velocity KL (``p.beta``) to the reference."""
     _, _, target, v, _, v_ref = _clean_forwards(policy, reference, None, samples, t, eps, want_ref=p.beta > 0,
-                                                want_anchor=False, autocast=autocast)
+                                                want_anchor=False, autocast=autocast,
+                                                guidance_scale=p.train_guidance_scale)
     loss, stats = dgpo_loss(v, v_ref, target, adv, weight, kl_beta=p.beta)
     return loss, {"loss": loss.detach(), **stats}
 

@@ -60,6 +60,7 @@ KNOB_RULES: dict[str, tuple[str, float | None, bool, float | None, bool]] = {
     "noise_level": ("float", 0, False, None, False),     # 0 = ODE; GRPOParams tightens to > 0 (see train.py)
     "shift": ("float", 0, True, None, False),
     "guidance_scale": ("float", 0, False, None, False),  # 1 = no CFG
+    "train_guidance_scale": ("float", 0, False, None, False),
     "clip_range": ("float", 0, True, None, False),
     "adv_clip_max": ("float", 0, True, None, False),
     "beta": ("float", 0, False, None, False),

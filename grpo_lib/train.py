@@ -110,6 +110,7 @@ class GRPOParams:
     group_shared_noise: bool = False                       # nft / awm: one draw of (t, eps) per group (dgpo: must be true)
     dgpo_beta: float = 100.0                               # dgpo: beta_dpo of the group sigmoid (upstream GenEval: 100)
     nft_beta: float = 1.0                                  # nft: beta of v+- (1/beta = guidance strength)
+    train_guidance_scale: float = 1.0                      # nft / awm / dgpo: CFG of the velocity trained (1 = conditional)
     anchor_rate: float = 0.001                             # nft / awm anchor: eta_k = min(rate * k, anchor_max_decay)
     anchor_max_decay: float = 0.5                          # nft (old policy): 0.5; awm (KL-EMA): 0.3
     anchor_beta: float = 0.0                               # awm: KL weight to the anchor (upstream ema_beta 1.0)
@@ -125,6 +126,7 @@ class GRPOParams:
     resume: bool = False                                   # continue from run_dir/checkpoints/latest
     time_budget_minutes: float = 0.0                       # stop after this many minutes (0 = no limit)
     guard_max_drop: float = 0.05                           # quality guard: max relative drop vs the start
+    keep_start: bool = False                               # selection may keep epoch 0 (the untrained start) if no epoch beats it on val
     unseen_prompts: str = ""                               # extra final-eval rows, e.g. counts never trained on ("" = none)
     final_images_per_prompt: int = 4                       # final eval: images per held-out prompt
     final_max_prompts: int = 0                             # final eval: prompts per set (0 means all)
@@ -176,6 +178,9 @@ class GRPOParams:
                              "samples with the reference at one shared draw of (t, eps) (DGPO, Eq. 17)")
         if not self.dgpo_beta > 0:
             raise ValueError(f"dgpo_beta={self.dgpo_beta} must be > 0 (upstream: 100 GenEval / OCR, 10 PickScore)")
+        if self.objective == "grpo" and self.train_guidance_scale != 1.0:
+            raise ValueError(f"train_guidance_scale={self.train_guidance_scale} is for nft / awm / dgpo; objective "
+                             "grpo re-scores its stored steps at the rollout's own CFG (guidance_scale)")
         if self.nft_beta <= 0:
             raise ValueError(f"nft_beta={self.nft_beta} must be > 0 (paper: 1.0 or 0.1)")
         if not 0 <= self.anchor_max_decay < 1 or self.anchor_rate < 0 or self.anchor_beta < 0:
@@ -745,7 +750,8 @@ class GRPOTrainer:
             sub, A = b.traj[sel], adv[sel].to(dev)
             slot = (b.group_ids[sel.cpu()] - base).to(dev)
             for c, (t, eps) in enumerate(self.objective_passes(epoch, b, sel, inner)):
-                fm, fm_ref = objectives.dgpo_scores(self.policy, self.reference, sub, t, eps, self.acc.autocast)
+                fm, fm_ref = objectives.dgpo_scores(self.policy, self.reference, sub, t, eps, self.acc.autocast,
+                                                         p.train_guidance_scale)
                 sums[c] += objectives.dgpo_group_sums(fm, fm_ref, A, slot, slots)
         if self.acc.num_processes > 1:
             sums = self.acc.reduce(sums, reduction="sum")
@@ -846,8 +852,14 @@ class GRPOTrainer:
                             f"{p.num_processes * p.batch_size * p.batches_per_epoch}")
         self.check_ranks_agree(f"at start (epoch {self.epoch})")
         t_start = time.perf_counter()
-        if self.epoch == 0 and self.eval_rows:   # the starting point: guard reference + baseline row
-            self._record({"epoch": 0, **self.evaluate(0), **self.budget})
+        if self.epoch == 0 and self.eval_rows and not self.history:   # the start: guard reference + baseline row
+            row = {"epoch": 0, **self.evaluate(0), **self.budget}
+            self._record(row)
+            if p.keep_start and "eval_reward" in row:   # the start competes: an epoch must beat it to be kept
+                self.best = {"epoch": 0, "eval_reward": row["eval_reward"]}
+                path = self.save_checkpoint()
+                if path is not None and self.acc.is_main_process:
+                    atomic_write_text(self.ckpt_dir / "best", path.name)
         while self.epoch < p.num_epochs:
             epoch = self.epoch
             t0 = time.perf_counter()

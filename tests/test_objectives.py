@@ -64,7 +64,8 @@ def _mass_after(objective, sign, updates=8, n=512, convention="noise_at_one", dg
     opt = torch.optim.Adam(policy.parameters(), lr=2e-2)
     anchor = SoftAnchor(list(policy.parameters()), rate=0.0, max_decay=0.5)
     p = SimpleNamespace(beta=0.0, adv_clip_max=5.0, nft_beta=1.0, awm_weighting="uniform", awm_p=0.25,
-                        anchor_beta=0.0, clip_range=0.2, kl_convention="paper", ratio_norm=False)
+                        anchor_beta=0.0, clip_range=0.2, kl_convention="paper", ratio_norm=False,
+                        train_guidance_scale=1.0)
     reference = FrozenReference(list(policy.parameters())).swapped_in     # DGPO's: the initial weights
     g = torch.Generator().manual_seed(1)
     x_eval = torch.randn(2048, 2, generator=g)
@@ -183,6 +184,40 @@ def test_policy_velocity_maps_noise_at_zero_onto_sd3():
     x, t = torch.randn(5, 2), torch.rand(5)
     a, b = MixturePolicy("noise_at_one"), MixturePolicy("noise_at_zero")
     torch.testing.assert_close(policy_velocity(a, x, t, None), policy_velocity(b, x, t, None), atol=1e-6, rtol=0)
+
+
+class GuidedMixturePolicy(MixturePolicy):
+    """CFG as the shipped policies do it: v = v_u + g (v_c - v_u), with v_u the exact mixture velocity
+    (the net is the condition's contribution)."""
+
+    def velocity(self, x, t, cond, guidance_scale=1.0):
+        v_u = MIX.velocity(x, t, self.convention).float()
+        return v_u + guidance_scale * (super().velocity(x, t, cond) - v_u)
+
+
+@pytest.mark.parametrize("convention", ["noise_at_one", "noise_at_zero"])
+def test_train_guidance_scale_trains_the_guided_velocity(convention):
+    """``train_guidance_scale`` g: NFT's v, v_old and the KL reference are all the CFG velocity
+    v_u + g (v_c - v_u) in the SD3 convention, whichever convention the policy runs in."""
+    policy = GuidedMixturePolicy(convention)
+    torch.nn.init.normal_(policy.net[2].weight, std=0.5)      # a condition that moves the velocity
+    anchor = SoftAnchor(list(policy.parameters()), rate=0.0, max_decay=0.5)
+    g = torch.Generator().manual_seed(3)
+    n, x0, eps = 16, torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g)
+    t, adv = torch.rand(n, generator=g) * 0.9 + 0.1, torch.randn(n, generator=g)
+    samples = CleanSamples(x0, _cond(n), None)
+    sd3 = GuidedMixturePolicy("noise_at_one")
+    sd3.load_state_dict(policy.state_dict())
+    x_t, _ = noisy_sample(x0, eps, t)
+    for gs in (1.0, 3.0):
+        p = SimpleNamespace(beta=0.5, adv_clip_max=5.0, nft_beta=1.0, train_guidance_scale=gs)
+        loss, _ = nft_step(policy, contextlib.nullcontext, anchor, samples, adv, t, eps, p, contextlib.nullcontext)
+        v = sd3.velocity(x_t, t, None, gs)
+        want, _ = nft_loss(v, v, v, x_t, x0, t, nft_optimality(adv, 5.0), nft_beta=1.0, kl_beta=0.5)
+        torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(policy_velocity(policy, x_t, t, None, gs), v, atol=1e-6, rtol=0)
+    v1, v3 = sd3.velocity(x_t, t, None, 1.0), sd3.velocity(x_t, t, None, 3.0)
+    assert float((v1 - v3).abs().max()) > 0.1                  # the two scales are different velocities
 
 
 def test_nft_loss_algebra():

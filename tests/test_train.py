@@ -225,6 +225,41 @@ def test_time_budget_stop_evaluates_and_saves_the_last_epoch(tmp_path):
     assert "time budget of 1e-09 min reached after epoch 1\n" in (tmp_path / "tb" / "events.log").read_text()
 
 
+def test_keep_start_keeps_the_untrained_adapter_when_no_epoch_beats_it(tmp_path):
+    """``keep_start``: epoch 0 is a candidate. A reward that only the start's evaluation earns (1 for the first
+    scoring call, 0 after) leaves it the best, saved as epoch_0000 with the start's exact weights; the brightness
+    reward, which training raises, picks a trained epoch; without ``keep_start`` epoch 0 is never saved."""
+    from safetensors.torch import load_file
+
+    calls = []
+
+    def start_only_reward(images, prompts, rows):
+        calls.append(len(images))
+        r = np.full(len(images), 1.0 if len(calls) == 1 else 0.0, np.float32)
+        return r, {"strict": r}
+
+    policy = tiny_policy()
+    start = {k: v.clone() for k, v in policy.unet.state_dict().items() if "lora" in k}
+    p = small_params(tmp_path / "ks", num_epochs=2, eval_max_prompts=4, keep_start=True, lr=3e-2)
+    hist = run(p, policy=policy, reward_fn=start_only_reward)
+    ck = tmp_path / "ks" / "checkpoints"
+    assert [h["eval_reward"] for h in hist] == [1.0, 0.0, 0.0]
+    assert (ck / "best").read_text() == "epoch_0000" and (ck / "latest").read_text() == "epoch_0002"
+    saved = load_file(ck / "epoch_0000" / "lora" / "lora.safetensors")
+    assert len(saved) == len(start) > 0
+    for name, value in saved.items():   # peft drops the adapter name from the keys
+        match = [v for k, v in start.items() if k.replace(".default", "") == name]
+        assert len(match) == 1 and torch.equal(value, match[0]), name
+
+    brighter = run(small_params(tmp_path / "kb", num_epochs=2, eval_max_prompts=4, keep_start=True, lr=3e-2,
+                                clip_range=1e-2, beta=0.0), policy=tiny_policy(), reward_fn=brightness_reward)
+    best = (tmp_path / "kb" / "checkpoints" / "best").read_text()
+    assert best != "epoch_0000" and max(h["eval_reward"] for h in brighter[1:]) > brighter[0]["eval_reward"]
+    run(small_params(tmp_path / "kn", num_epochs=1, eval_max_prompts=4), policy=tiny_policy(),
+        reward_fn=brightness_reward)
+    assert not (tmp_path / "kn" / "checkpoints" / "epoch_0000").exists()
+
+
 def test_a_time_budget_that_cuts_a_cosine_run_says_the_model_is_not_annealed(tmp_path):
     # the cosine lr of epoch 1 of 10 is still lr (1 + cos(pi / 10)) / 2: the log says the model is not annealed
     p = small_params(tmp_path / "cos", num_epochs=10, eval_every=5, save_every=5, time_budget_minutes=1e-9,

@@ -146,7 +146,11 @@ def build_report(run_dir: str | Path) -> str:
             parts.append(accuracy_table_html(summary["unseen"], "unseen counts (summary.json: unseen)"))
         parts.append(_guard_html(summary.get("test_quality_guard", [])))
         if summary.get("best_checkpoint"):
-            parts.append(f"<p>GRPO checkpoint evaluated: <code>{html.escape(str(summary['best_checkpoint']))}</code></p>")
+            ck = str(summary["best_checkpoint"])
+            kept_start = Path(ck).name == "epoch_0000"     # keep_start: no trained epoch beat the start on val
+            parts.append(f"<p>GRPO checkpoint evaluated: <code>{html.escape(ck)}</code>"
+                         + (" (the untrained start: no trained epoch beat it on val, so the RL stage equals its "
+                            "cold start)" if kept_start else "") + "</p>")
     else:
         parts.append("<p>No <code>summary.json</code> yet (notebook 02 has not finished in this run).</p>")
 

@@ -73,6 +73,17 @@ def test_report_links_notebooks_tabulates_stages_and_embeds_plots(fake_run):
     assert sorted(base64.b64decode(e) for e in embedded) == sorted(pngs.values())
     assert not re.search(r'src="(?!data:)', page)
     assert "<td>00_derivation_checks</td><td>12.5</td>" in page
+    assert "the untrained start" not in page
+
+
+def test_report_says_when_the_rl_stage_kept_its_start(fake_run):
+    run, _ = fake_run
+    summary = json.loads((run / "summary.json").read_text())
+    summary["best_checkpoint"] = "runs/demo/checkpoints/epoch_0000"      # keep_start: no epoch beat it on val
+    (run / "summary.json").write_text(json.dumps(summary))
+    page = write_report(run).read_text()
+    assert ("<code>runs/demo/checkpoints/epoch_0000</code> (the untrained start: no trained epoch beat it on val, "
+            "so the RL stage equals its cold start)") in page
 
 
 def test_report_of_a_run_before_notebook_02_and_bad_input(tmp_path, capsys):

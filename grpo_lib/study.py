@@ -488,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default="results/study")
     c.add_argument("--images-per-prompt", type=int, default=2)
     c.add_argument("--every", type=int, default=1, help="evaluate every k-th checkpoint")
+    c.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale of the sampling (1 = off)")
     m = sub.add_parser("compare", help="paired accuracy of a cold start, GRPO/NFT/AWM checkpoints on it, and "
                                        "other LoRAs on the base (a longer cold start: the control)")
     m.add_argument("--base", default="data/checkpoints/tiny-base")
@@ -565,9 +566,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    df = cold_start_curve(args.run_dir, images_per_prompt=args.images_per_prompt, every=args.every, progress=False)
+    df = cold_start_curve(args.run_dir, images_per_prompt=args.images_per_prompt, every=args.every,
+                          guidance_scale=args.guidance_scale, progress=False)
     df.to_csv(out / "cold_start_curve.csv", index=False)
-    plot_curve(df, out / "cold_start_curve.png", "cold start alone: val accuracy vs minutes")
+    cfg = f", CFG {args.guidance_scale:g}" if args.guidance_scale != 1.0 else ""
+    plot_curve(df, out / "cold_start_curve.png", f"cold start alone: val accuracy vs minutes{cfg}")
     print(df.to_string(index=False))
     return 0
 

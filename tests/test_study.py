@@ -35,6 +35,12 @@ def test_cold_start_curve_rows_and_base_point(tiny_base, tmp_path, repo):
     base = TinyPolicy.from_pretrained(tiny_base).eval()
     images, flat = sample_for_rows(base, rows, images_per_prompt=2, num_steps=3, seed=selection_seed(0))
     assert df["accuracy"].iloc[0] == per_image_table(images, flat)["correct"].mean()
+    # every 2nd checkpoint still reads the last one (step 4 is the 2nd of 2)
+    sparse = cold_start_curve(run, base=tiny_base, prompts=str(prompts), images_per_prompt=2, num_steps=3,
+                              every=2, progress=False)
+    assert list(sparse["step"]) == [0, 2, 4]
+    cols = ["step", "accuracy", "ci_low", "ci_high", "n_images"]
+    assert sparse[cols].equals(df[cols])
 
 
 def test_compare_paired_pairs_every_stage_with_the_first(tiny_base, tmp_path, repo):

@@ -21,6 +21,7 @@ BAD = {
     "noise_level": (-0.1, "noise_level=-0.1 must be a finite float >= 0"),
     "shift": (0.0, "shift=0.0 must be a finite float > 0"),
     "guidance_scale": (-1.0, "guidance_scale=-1.0 must be a finite float >= 0"),
+    "train_guidance_scale": (-1.0, "train_guidance_scale=-1.0 must be a finite float >= 0"),
     "clip_range": (0.0, "clip_range=0.0 must be a finite float > 0"),
     "adv_clip_max": (0.0, "adv_clip_max=0.0 must be a finite float > 0"),
     "beta": (-0.01, "beta=-0.01 must be a finite float >= 0"),

@@ -69,13 +69,15 @@ def cold_start_curve(run_dir: str | Path, *, base: str | Path | None = None, pro
                      every: int = 1, progress: bool = True) -> pd.DataFrame:
     """One row per cold-start checkpoint: step, minutes trained, exact-count accuracy with its 95 % Wilson
     interval, and counts 7-10's accuracy, on ``images_per_prompt`` ODE images per val prompt. Step 0 is the
-    base itself; with ``every`` = k every k-th checkpoint is read, and the last one always. ``base`` defaults to the cold start's own ``summary.json`` params."""
+    base itself; with ``every`` = k every k-th checkpoint is read, and the last one always. ``base`` defaults
+    to the cold start's own ``summary.json`` params."""
     from .prompts import load_rows
 
     run_dir = Path(run_dir)
     ck_dir = run_dir / "cold_start" / "checkpoints"
     every_step = sorted(ck_dir.glob("step_*"))
-    steps = every_step[::every] + ([every_step[-1]] if every_step and (len(every_step) - 1) % every else [])  # + the last
+    last = [every_step[-1]] if every_step and (len(every_step) - 1) % every else []     # not on the k-grid
+    steps = every_step[::every] + last
     if not steps:
         raise ValueError(f"no cold-start checkpoints under {str(ck_dir)!r} (expected step_XXXXXX dirs)")
     params = json.loads((run_dir / "cold_start" / "summary.json").read_text()).get("params", {}) \

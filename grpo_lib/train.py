@@ -126,7 +126,7 @@ class GRPOParams:
     resume: bool = False                                   # continue from run_dir/checkpoints/latest
     time_budget_minutes: float = 0.0                       # stop after this many minutes (0 = no limit)
     guard_max_drop: float = 0.05                           # quality guard: max relative drop vs the start
-    keep_start: bool = False                               # selection may keep epoch 0 (the untrained start) if no epoch beats it on val
+    keep_start: bool = False                               # epoch 0 (the untrained start) competes in selection
     unseen_prompts: str = ""                               # extra final-eval rows, e.g. counts never trained on ("" = none)
     final_images_per_prompt: int = 4                       # final eval: images per held-out prompt
     final_max_prompts: int = 0                             # final eval: prompts per set (0 means all)
@@ -751,7 +751,7 @@ class GRPOTrainer:
             slot = (b.group_ids[sel.cpu()] - base).to(dev)
             for c, (t, eps) in enumerate(self.objective_passes(epoch, b, sel, inner)):
                 fm, fm_ref = objectives.dgpo_scores(self.policy, self.reference, sub, t, eps, self.acc.autocast,
-                                                         p.train_guidance_scale)
+                                                    p.train_guidance_scale)
                 sums[c] += objectives.dgpo_group_sums(fm, fm_ref, A, slot, slots)
         if self.acc.num_processes > 1:
             sums = self.acc.reduce(sums, reduction="sum")

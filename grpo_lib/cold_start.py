@@ -280,6 +280,33 @@ def select_eval_rows(rows: Sequence[dict], per_count: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+def plot_loss_curve(loss: "pd.DataFrame", path: str | Path, *, title: str, window: int = 0) -> Path:
+    """PNG of a cold start's ``loss.csv`` columns: the loss per step (faint), its rolling mean over ``window``
+    steps (0: a twentieth of the run) and, when the table has it, the lr on a second axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    if len(loss):
+        w = window or max(1, len(loss) // 20)
+        ax.plot(loss["step"], loss["loss"], lw=0.6, alpha=0.4, label="per step")
+        ax.plot(loss["step"], loss["loss"].rolling(w, min_periods=1).mean(), lw=1.5, label=f"mean of {w}")
+        if "lr" in loss:
+            lr_ax = ax.twinx()
+            lr_ax.plot(loss["step"], loss["lr"], color="gray", ls="--", label="lr")
+            lr_ax.set_ylabel("lr")
+        fig.legend(loc="upper right", bbox_to_anchor=(0.88, 0.86))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 class ColdStart:
     """One cold-start run: ``evaluate("before")``, ``train()``, ``evaluate("after")``, ``finish()``.
 
@@ -613,26 +640,10 @@ class ColdStart:
 
     # -- the end ------------------------------------------------------------------------------
     def plot_loss(self, path: str | Path | None = None) -> Path:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         import pandas as pd
-
-        df = pd.DataFrame(self.history)
         path = Path(path) if path is not None else self.out / "loss.png"
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        if len(df):
-            ax.plot(df["step"], df["loss"], lw=0.6, alpha=0.4, label="per step")
-            w = max(1, len(df) // 20)
-            ax.plot(df["step"], df["loss"].rolling(w, min_periods=1).mean(), lw=1.5, label=f"mean of {w}")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("flow-matching loss")
-        ax.set_title("cold start: LoRA flow matching on exact-count data")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return plot_loss_curve(pd.DataFrame(self.history, columns=["step", "loss", "lr", "grad_norm", "elapsed_s"]),
+                               path, title="cold start: LoRA flow matching on exact-count data")
 
     def write_loss_csv(self) -> Path:
         import pandas as pd

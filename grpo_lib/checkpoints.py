@@ -261,9 +261,23 @@ def run_start(run: Path, default_base: str | Path) -> tuple[Path, tuple[Path, ..
     return repo_path(default_base), ()
 
 
+def cold_start_model(cold_start_dir: Path) -> Path | None:
+    """The model a cold start's LoRA was trained on: ``model`` in its ``summary.json`` params, else None."""
+    summary = Path(cold_start_dir) / "summary.json"
+    if not summary.is_file():
+        return None
+    try:
+        model = json.loads(summary.read_text()).get("params", {}).get("model")
+    except json.JSONDecodeError:
+        return None
+    return repo_path(model) if model else None
+
+
 def grpo_recipe(lora: Path, default_base: str | Path) -> Recipe:
     """The recipe of a LoRA dir: a GRPO checkpoint's ``<run>/checkpoints/epoch_XXXX/lora`` sits on top of the
-    run's start (its own ``params.json``, else :func:`run_start`); any other LoRA sits on ``default_base``."""
+    run's start (its own ``params.json``, else :func:`run_start`); a cold start's ``<cold_start>/lora`` on the
+    model it was trained on (its ``summary.json``; a cold start of a cold start's merged model, say); any other
+    LoRA on ``default_base``."""
     lora = Path(lora)
     parts = lora.parts
     if len(parts) >= 4 and parts[-3] == "checkpoints" and parts[-1] == LORA_DIR and parts[-4] != "cold_start":
@@ -274,7 +288,8 @@ def grpo_recipe(lora: Path, default_base: str | Path) -> Recipe:
             return Recipe(base=repo_path(params["model"]), merges=(repo_path(cs),) if cs else (), lora=lora)
         base, merges = run_start(lora.parents[2], default_base)
         return Recipe(base=base, merges=merges, lora=lora)
-    return Recipe(base=repo_path(default_base), lora=lora)
+    own_model = cold_start_model(lora.parent) if lora.name == LORA_DIR else None
+    return Recipe(base=own_model or repo_path(default_base), lora=lora)
 
 
 def apply_ema(policy, checkpoint: Path) -> bool:

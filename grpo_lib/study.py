@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from grpo_lib.params import check_knobs
-from .checkpoints import Recipe, RunLayout, grpo_recipe, repo_path
+from .checkpoints import Recipe, RunLayout, cold_start_model, grpo_recipe, repo_path
 
 
 SPLITS = {"val": "data/counting/val.jsonl", "test": "data/counting/test.jsonl"}
@@ -498,7 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--cold-start", required=True, help="the cold-start LoRA every checkpoint sits on")
     m.add_argument("checkpoints", nargs="*", metavar="NAME=CHECKPOINT_DIR")
     m.add_argument("--on-base", nargs="*", default=[], metavar="NAME=LORA_DIR",
-                   help="LoRAs that sit on the base itself, e.g. the cold start trained for the same total minutes")
+                   help="LoRAs that sit on the base itself, e.g. the cold start trained for the same total minutes "
+                        "(a cold start's lora/ sits on the model its summary.json names: a cold start continued "
+                        "from another's merged model, say)")
     m.add_argument("--own-start", nargs="*", default=[], metavar="NAME=CHECKPOINT_DIR",
                    help="checkpoints that sit on the cold start their own run started from (its params.json), "
                         "e.g. RL runs from different cold starts (budget splits)")
@@ -527,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
             return Recipe(base=base, merges=(cs,), lora=Path(path) / "lora")
 
         def on_base(path):                        # a LoRA dir that sits on the base (a longer cold start)
-            return Recipe(base=base, lora=repo_path(path))
+            lora = repo_path(path)
+            return Recipe(base=cold_start_model(lora.parent) or base, lora=lora)
 
         def on_own_start(path):                   # a checkpoint dir: its LoRA on the cold start its run started from
             return grpo_recipe(Path(path) / "lora", base)

@@ -226,3 +226,16 @@ def test_checkpoint_params_json_names_the_base_and_cold_start(ema_run):
     assert own["model"] == p.model and own["cold_start_lora"] == p.cold_start_lora
     assert checkpoints.grpo_recipe(root / "run" / "checkpoints" / "epoch_0002" / "lora", "unused") == \
         checkpoints.Recipe(Path(p.model), (Path(p.cold_start_lora),), root / "run" / "checkpoints" / "epoch_0002" / "lora")
+
+
+def test_a_cold_start_lora_sits_on_the_model_it_was_trained_on(tmp_path):
+    """grpo_recipe (widget, infer): a cold start's lora/ sits on its summary.json's model; without one, or for
+    a LoRA outside a cold start, on the default base."""
+    cs = tmp_path / "run" / "cold_start"
+    (cs / "lora").mkdir(parents=True)
+    assert checkpoints.grpo_recipe(cs / "lora", tmp_path / "base") == checkpoints.Recipe(tmp_path / "base", (), cs / "lora")
+    (cs / "summary.json").write_text(json.dumps({"params": {"model": str(tmp_path / "other" / "merged")}}))
+    assert checkpoints.grpo_recipe(cs / "lora", tmp_path / "base") == \
+        checkpoints.Recipe(tmp_path / "other" / "merged", (), cs / "lora")
+    (cs / "summary.json").write_text("{not json")
+    assert checkpoints.grpo_recipe(cs / "lora", tmp_path / "base").base == tmp_path / "base"

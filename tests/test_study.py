@@ -262,6 +262,10 @@ def test_compare_cli_builds_each_stage_on_its_own_start(tmp_path, monkeypatch):
     (ck / "lora").mkdir(parents=True)
     (ck / "params.json").write_text(json.dumps({"model": str(tmp_path / "base"),
                                                 "cold_start_lora": str(tmp_path / "cs_step_2000")}))
+    # a cold start continued from another cold start's merged model: its lora/ sits on that model
+    cont = tmp_path / "continued" / "cold_start"
+    (cont / "lora").mkdir(parents=True)
+    (cont / "summary.json").write_text(json.dumps({"params": {"model": str(tmp_path / "cs_merged")}}))
     seen, options = {}, {}
 
     def fake_tables(stages, **kw):
@@ -279,11 +283,13 @@ def test_compare_cli_builds_each_stage_on_its_own_start(tmp_path, monkeypatch):
     base = tmp_path / "base"
     assert study.main(["compare", "--base", str(base), "--cold-start", str(tmp_path / "cs_step_500"),
                        "rl=" + str(tmp_path / "rl_ck"), "--on-base", "control=" + str(tmp_path / "long_cs"),
+                       "more=" + str(cont / "lora"),
                        "--own-start", "split=" + str(ck), "--out", str(tmp_path / "c.csv")]) == 0
     assert seen == {
         "cold_start": Recipe(base=base, merges=(tmp_path / "cs_step_500",)),
         "rl": Recipe(base=base, merges=(tmp_path / "cs_step_500",), lora=tmp_path / "rl_ck" / "lora"),
         "control": Recipe(base=base, lora=tmp_path / "long_cs"),
+        "more": Recipe(base=tmp_path / "cs_merged", lora=cont / "lora"),
         "split": Recipe(base=base, merges=(tmp_path / "cs_step_2000",), lora=ck / "lora"),
     }
     assert options["guidance_scale"] == 1.0 and options["guard_vs"] is None

@@ -459,6 +459,29 @@ def per_count_markdown(per_count: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_image_long(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Every stage's per-image table stacked, with ``stage`` and ``image`` (the position in the split's sampling
+    order, the same prompt and noise in every stage) in front, so any two stages pair on ``image``."""
+    return pd.concat([t.assign(stage=name, image=range(len(t)))[["stage", "image", *t.columns]]
+                      for name, t in tables.items()], ignore_index=True)
+
+
+def confusion_markdown(tables: dict[str, pd.DataFrame]) -> str:
+    """One ``evaluate.confusion_table`` per stage (requested count x found count) as Markdown, all on the same
+    columns, so where a stage's errors go (one short, one over) reads across stages."""
+    from .evaluate import confusion_table
+
+    cap = max(int(t["target"].max()) for t in tables.values()) + 3
+    out = []
+    for name, t in tables.items():
+        ct = confusion_table(t, max_found=cap)
+        out += [f"### {name}", "", "| asked, found: | " + " | ".join(ct.columns) + " |",
+                "|---|" + "---|" * len(ct.columns)]
+        out += [f"| {n} | " + " | ".join(str(v) for v in row) + " |" for n, row in zip(ct.index, ct.values)]
+        out.append("")
+    return "\n".join(out)
+
+
 def image_grid(p: StudyParams, picks: dict[str, Path], path: str | Path) -> Path:
     """One row per policy (``name -> LoRA dir``, ``None`` = the cold start), one val image per column:
     ``grid_prompts`` prompts spread over the counts, the same noise in every row; captions say found/asked."""
@@ -516,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also write per-count accuracy with Wilson intervals, one column group per stage")
     m.add_argument("--grid", default=None, metavar="PNG",
                    help="also save one row of images per stage (2 per count, the same noise in every row)")
+    m.add_argument("--images-csv", default=None, metavar="CSV",
+                   help="also write every stage's per-image table (paired on the column 'image') and, next to it "
+                        "as .md, each stage's confusion table: asked count x found count")
     m.add_argument("--guidance-scale", type=float, default=1.0,
                    help="CFG scale of every stage's sampling (1 = off, the pipeline's evaluation)")
     m.add_argument("--out", default="results/study/compare.csv")
@@ -568,6 +594,10 @@ def main(argv: list[str] | None = None) -> int:
             per_count.to_csv(args.per_count, index=False)
             Path(args.per_count).with_suffix(".md").write_text(per_count_markdown(per_count))
             print(per_count_markdown(per_count))
+        if args.images_csv:
+            Path(args.images_csv).parent.mkdir(parents=True, exist_ok=True)
+            per_image_long(tables).to_csv(args.images_csv, index=False)
+            Path(args.images_csv).with_suffix(".md").write_text(confusion_markdown(tables))
         print(df.round(4).to_string(index=False))
         return 0
     out = Path(args.out)

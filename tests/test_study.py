@@ -157,6 +157,24 @@ def test_per_count_markdown_has_a_row_per_count_and_a_column_per_stage():
     assert md[2] == f"| 1 | 2 | {0.5:.3f} [{lo:.3f}, {hi:.3f}] | 1.000 [{wilson_interval(2, 2)[0]:.3f}, 1.000] |"
     assert md[-1].startswith("| all | 4 | 0.750 [")
 
+def test_per_image_tables_pair_on_image_and_confusions_share_their_columns():
+    import pandas as pd
+
+    from grpo_lib.study import confusion_markdown, per_image_long
+
+    a = pd.DataFrame({"target": [1, 2, 2], "found": [1, 1, 9]})
+    b = pd.DataFrame({"target": [1, 2, 2], "found": [1, 3, 2]})
+    long = per_image_long({"cold_start": a, "nft": b})
+    assert list(long.columns) == ["stage", "image", "target", "found"]
+    assert long["stage"].tolist() == ["cold_start"] * 3 + ["nft"] * 3 and long["image"].tolist() == [0, 1, 2] * 2
+    md = confusion_markdown({"cold_start": a, "nft": b}).splitlines()
+    # columns 0..4 and a pooled "5+" (largest asked count 2, + 3): the 9 lands there
+    assert md[:5] == ["### cold_start", "", "| asked, found: | 0 | 1 | 2 | 3 | 4 | 5+ |", "|---|---|---|---|---|---|---|",
+                      "| 1 | 0 | 1 | 0 | 0 | 0 | 0 |"]
+    assert md[5] == "| 2 | 0 | 1 | 0 | 0 | 0 | 1 |"
+    assert md[6:] == ["", "### nft", "", md[2], md[3], "| 1 | 0 | 1 | 0 | 0 | 0 | 0 |", "| 2 | 0 | 0 | 1 | 1 | 0 | 0 |"]
+
+
 
 # ------------------------------------------------------------------------------------------------
 # notebooks/05_sample_efficiency: budgets, reach table, and the notebook at smoke size

@@ -157,6 +157,7 @@ def test_per_count_markdown_has_a_row_per_count_and_a_column_per_stage():
     assert md[2] == f"| 1 | 2 | {0.5:.3f} [{lo:.3f}, {hi:.3f}] | 1.000 [{wilson_interval(2, 2)[0]:.3f}, 1.000] |"
     assert md[-1].startswith("| all | 4 | 0.750 [")
 
+
 def test_per_image_tables_pair_on_image_and_confusions_share_their_columns():
     import pandas as pd
 
@@ -173,7 +174,6 @@ def test_per_image_tables_pair_on_image_and_confusions_share_their_columns():
                       "| 1 | 0 | 1 | 0 | 0 | 0 | 0 |"]
     assert md[5] == "| 2 | 0 | 1 | 0 | 0 | 0 | 1 |"
     assert md[6:] == ["", "### nft", "", md[2], md[3], "| 1 | 0 | 1 | 0 | 0 | 0 | 0 |", "| 2 | 0 | 0 | 1 | 1 | 0 | 0 |"]
-
 
 
 # ------------------------------------------------------------------------------------------------

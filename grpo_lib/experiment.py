@@ -115,22 +115,24 @@ class CountingExperiment:
 
     def evaluate(self, which: str = "test", stages: list[str] | None = None, progress: bool = True
                  ) -> dict[str, pd.DataFrame]:
-        """Per-image tables for every stage (and the renderer) on one prompt set."""
+        """Per-image tables for every stage (and the renderer) on one prompt set, sampled on
+        ``final_eval_processes`` processes (:class:`grpo_lib.sharded_sampling.ShardedSampler`)."""
+        from functools import partial
+
         from grpo_lib.evaluate import per_image_table
-        from grpo_lib.rollout import sample_for_rows
         from grpo_lib.scenes import render_rows
+        from grpo_lib.sharded_sampling import ShardedSampler
 
         p = self.p
         rows = self.rows(which)
         tables, images = {}, {}
-        for stage in stages or self.stages():
-            policy = self.stage_policy(stage)
-            img, flat = sample_for_rows(policy, rows, images_per_prompt=p.final_images_per_prompt,
-                                        num_steps=p.eval_num_steps, shift=p.shift,
-                                        guidance_scale=p.eval_guidance_scale, seed=test_seed(p.seed),
-                                        progress=progress)
-            tables[stage], images[stage] = per_image_table(img, flat), img
-            del policy
+        with ShardedSampler(p.final_eval_processes) as sampler:
+            for stage in stages or self.stages():
+                img, flat = sampler.sample(partial(experiment_stage_policy, p, stage), rows,
+                                           images_per_prompt=p.final_images_per_prompt, num_steps=p.eval_num_steps,
+                                           shift=p.shift, guidance_scale=p.eval_guidance_scale,
+                                           seed=test_seed(p.seed), progress=progress)
+                tables[stage], images[stage] = per_image_table(img, flat), img
         flat = [r for r in rows for _ in range(p.final_images_per_prompt)]
         ren, _ = render_rows(flat, seed=p.seed)
         tables["renderer"], images["renderer"] = per_image_table(ren, flat), ren
@@ -188,6 +190,12 @@ class CountingExperiment:
         path = self.run_dir / "summary.json"
         path.write_text(json.dumps(summary, indent=1, default=str))
         return path
+
+
+def experiment_stage_policy(params: GRPOParams, stage: str):
+    """``CountingExperiment(params).stage_policy(stage)``: a module-level function, so that a
+    ``functools.partial`` of it pickles into :class:`~grpo_lib.sharded_sampling.ShardedSampler`'s workers."""
+    return CountingExperiment(params).stage_policy(stage)
 
 
 def launch_training(p: GRPOParams, *, port: int | None = None) -> pd.DataFrame:

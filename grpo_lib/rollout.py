@@ -352,25 +352,36 @@ def eval_seed(seed: int, prompt: str, k: int) -> int:
 
 
 @torch.no_grad()
+def sample_pairs(policy, pairs: Sequence[tuple[dict, int]], *, num_steps: int = 20, shift: float = 1.0,
+                 guidance_scale: float = 1.0, seed: int = 0) -> np.ndarray:
+    """ODE-sample one batch: image k of row r for every (r, k) in ``pairs``, from the noise of
+    ``eval_seed(seed, r["prompt"], k)``; returns uint8 (len(pairs), H, W, 3)."""
+    gens = [torch.Generator().manual_seed(eval_seed(seed, r["prompt"], k)) for r, k in pairs]
+    _, img = sample_images(policy, [r["prompt"] for r, _ in pairs], num_steps=num_steps, shift=shift,
+                           guidance_scale=guidance_scale, generator=gens)
+    return img
+
+
+def eval_pairs(rows: Sequence[dict], images_per_prompt: int) -> list[tuple[dict, int]]:
+    """(row, k) for every evaluation image, prompt-major: the order of ``sample_for_rows``'s images."""
+    if images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt={images_per_prompt} must be >= 1")
+    if not rows:
+        raise ValueError("sample_for_rows got no rows")
+    return [(r, k) for r in rows for k in range(images_per_prompt)]
+
+
 def sample_for_rows(policy, rows: Sequence[dict], *, images_per_prompt: int = 4, num_steps: int = 20,
                     shift: float = 1.0, guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 64,
                     progress: bool = False) -> tuple[np.ndarray, list[dict]]:
     """ODE-sample ``images_per_prompt`` images for every row; returns uint8 (N, H, W, 3) and the N rows
-    (each row repeated per image, in order). Image k of a prompt always starts from the same noise."""
-    if images_per_prompt < 1:
-        raise ValueError(f"images_per_prompt={images_per_prompt} must be >= 1")
-    flat = [(r, k) for r in rows for k in range(images_per_prompt)]
+    (each row repeated per image, in order). Image k of a prompt always starts from the same noise.
+    ``grpo_lib.sharded_sampling`` runs the same batches on several processes."""
+    flat = eval_pairs(rows, images_per_prompt)
     chunks = range(0, len(flat), batch_size)
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc="evaluation images", leave=False)
-    images = []
-    for i in chunks:
-        part = flat[i:i + batch_size]
-        gens = [torch.Generator().manual_seed(eval_seed(seed, r["prompt"], k)) for r, k in part]
-        _, img = sample_images(policy, [r["prompt"] for r, _ in part], num_steps=num_steps, shift=shift,
-                               guidance_scale=guidance_scale, generator=gens)
-        images.append(img)
-    if not images:
-        raise ValueError("sample_for_rows got no rows")
+    images = [sample_pairs(policy, flat[i:i + batch_size], num_steps=num_steps, shift=shift,
+                           guidance_scale=guidance_scale, seed=seed) for i in chunks]
     return np.concatenate(images), [r for r, _ in flat]

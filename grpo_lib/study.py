@@ -39,16 +39,24 @@ def _split_seed(split: str, seed: int) -> int:
 
 def _split_table(recipe, rows, *, images_per_prompt: int, num_steps: int, shift: float = 1.0,
                  guidance_scale: float = 1.0, seed: int = 0, split: str = "val", progress: bool = False,
-                 images_out: dict | None = None, name: str = "") -> pd.DataFrame:
+                 images_out: dict | None = None, name: str = "", sampler=None) -> pd.DataFrame:
     """Per-image table of ``recipe``'s policy on ``rows`` (ODE, the ``split``'s noise seeds); the images go
-    to ``images_out[name]`` when a dict is given."""
+    to ``images_out[name]`` when a dict is given. ``sampler``: an open ``ShardedSampler`` (default: this
+    process)."""
+    from functools import partial
+
     from .checkpoints import load_policy
     from .evaluate import per_image_table
-    from .rollout import sample_for_rows
+    from .sharded_sampling import ShardedSampler
 
-    images, flat = sample_for_rows(load_policy(recipe), rows, images_per_prompt=images_per_prompt,
-                                   num_steps=num_steps, shift=shift, guidance_scale=guidance_scale,
-                                   seed=_split_seed(split, seed), progress=progress)
+    load = partial(load_policy, recipe)
+    kwargs = dict(images_per_prompt=images_per_prompt, num_steps=num_steps, shift=shift,
+                  guidance_scale=guidance_scale, seed=_split_seed(split, seed), progress=progress)
+    if sampler is None:
+        with ShardedSampler(processes=1) as one:
+            images, flat = one.sample(load, rows, **kwargs)
+    else:
+        images, flat = sampler.sample(load, rows, **kwargs)
     if images_out is not None:
         images_out[name] = images
     return per_image_table(images, flat)
@@ -103,18 +111,23 @@ def cold_start_curve(run_dir: str | Path, *, base: str | Path | None = None, pro
 
 def split_tables(stages: dict[str, "Recipe"], *, prompts: str | None = None, split: str = "val",
                  images_per_prompt: int = 2, num_steps: int = 20, seed: int = 0,
-                 guidance_scale: float = 1.0, images_out: dict | None = None) -> dict[str, pd.DataFrame]:
+                 guidance_scale: float = 1.0, images_out: dict | None = None,
+                 processes: int = 1) -> dict[str, pd.DataFrame]:
     """Per-image tables of each named policy recipe on one split, the same noise per image for all.
     ``split="val"`` is for choosing; ``split="test"`` (test prompts, the final evaluation's noise seeds) is for
     the final figure only. ``prompts`` overrides the split's file (the noise seeds stay the split's).
-    ``guidance_scale`` is the CFG scale w of every stage (1 = off); ``images_out`` receives each stage's images."""
+    ``guidance_scale`` is the CFG scale w of every stage (1 = off); ``images_out`` receives each stage's images;
+    ``processes`` sample in parallel (1 thread each; the same images as one process)."""
     from .prompts import load_rows
+    from .sharded_sampling import ShardedSampler
 
     _split_seed(split, seed)                                   # names a bad split before any sampling
     rows = load_rows(prompts or SPLITS[split])
-    return {name: _split_table(recipe, rows, images_per_prompt=images_per_prompt, num_steps=num_steps, seed=seed,
-                               split=split, guidance_scale=guidance_scale, images_out=images_out, name=name)
-            for name, recipe in stages.items()}
+    with ShardedSampler(processes) as sampler:
+        return {name: _split_table(recipe, rows, images_per_prompt=images_per_prompt, num_steps=num_steps,
+                                   seed=seed, split=split, guidance_scale=guidance_scale, images_out=images_out,
+                                   name=name, sampler=sampler)
+                for name, recipe in stages.items()}
 
 
 def stage_grid(images: dict[str, "np.ndarray"], tables: dict[str, pd.DataFrame], path: str | Path, *,
@@ -546,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="CFG scale of every stage's sampling (1 = off, the pipeline's evaluation)")
     m.add_argument("--out", default="results/study/compare.csv")
     m.add_argument("--images-per-prompt", type=int, default=2)
+    m.add_argument("--processes", type=int, default=1,
+                   help="sampling processes, 1 thread each (2 on 2 cores: about 1.3x one process of 2 threads)")
     args = ap.parse_args(argv)
     if args.cmd == "compare":
 
@@ -579,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(str(e))
         images: dict = {}
         tables = split_tables(stages, split=args.split, images_per_prompt=args.images_per_prompt,
-                              guidance_scale=args.guidance_scale, images_out=images)
+                              guidance_scale=args.guidance_scale, images_out=images, processes=args.processes)
         if args.grid:
             stage_grid(images, tables, args.grid, per_count=2,
                        title=f"{args.split}, CFG {args.guidance_scale:g}: same prompt and noise per column; "

@@ -130,6 +130,7 @@ class GRPOParams:
     unseen_prompts: str = ""                               # extra final-eval rows, e.g. counts never trained on ("" = none)
     final_images_per_prompt: int = 4                       # final eval: images per held-out prompt
     final_max_prompts: int = 0                             # final eval: prompts per set (0 means all)
+    final_eval_processes: int = 1                          # final eval: sampling processes (CPU: 1 thread each)
     progress: bool = True                                  # tqdm bars
     dynamic_sampling: bool = False                         # DAPO: refill rounds until M groups have reward spread
     dynamic_max_rounds: int = 3                            # most sampling rounds per epoch with dynamic_sampling
@@ -155,7 +156,7 @@ class GRPOParams:
                     if self.objective == "grpo" else {})
         for name in ("batches_per_epoch",
                      "updates_per_epoch", "inner_epochs", "num_epochs", "eval_every", "save_every", "eval_max_prompts",
-                     "final_images_per_prompt", "eval_images_per_prompt", "num_processes"):
+                     "final_images_per_prompt", "eval_images_per_prompt", "num_processes", "final_eval_processes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.batches_per_epoch % self.updates_per_epoch:

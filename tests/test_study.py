@@ -95,7 +95,8 @@ def test_compare_paired_on_test_uses_the_test_seeds_and_pairs_versus(tiny_base, 
 
 def test_split_tables_sample_with_cfg_and_the_grid_shows_the_same_images(tiny_base, tmp_path, repo):
     """guidance_scale reaches the sampler (the table equals sample_for_rows at that CFG, and differs from CFG 1);
-    images_out keeps each stage's images, and stage_grid draws those, one row per stage."""
+    images_out keeps each stage's images, and stage_grid draws those, one row per stage. Sampled on 2 processes,
+    the images are this process's."""
     from PIL import Image
 
     from grpo_lib.checkpoints import Recipe
@@ -107,7 +108,7 @@ def test_split_tables_sample_with_cfg_and_the_grid_shows_the_same_images(tiny_ba
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     images = {}
     tables = split_tables({"base": Recipe(base=tiny_base), "again": Recipe(base=tiny_base)}, prompts=str(prompts),
-                          num_steps=3, guidance_scale=3.0, images_out=images)
+                          num_steps=3, guidance_scale=3.0, images_out=images, processes=2)
     base = TinyPolicy.from_pretrained(tiny_base).eval()
     cfg3, flat = sample_for_rows(base, rows, images_per_prompt=2, num_steps=3, seed=selection_seed(0),
                                  guidance_scale=3.0)

@@ -243,6 +243,19 @@ class Recipe:
     lora: Path | None = None
 
 
+def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
+    """Raise ValueError naming ``name`` and the path when ``recipe``'s base, a merge or its LoRA is missing:
+    file checks only, so a comparison of many recipes fails before it samples anything, not at its last stage."""
+    from .policies.tiny import CONFIG_NAME, LORA_CONFIG, LORA_WEIGHTS
+
+    if not (Path(recipe.base) / CONFIG_NAME).is_file():
+        raise ValueError(f"{name}: base {str(recipe.base)!r} holds no {CONFIG_NAME}")
+    for lora in (*recipe.merges, *([recipe.lora] if recipe.lora is not None else [])):
+        missing = [f for f in (LORA_WEIGHTS, LORA_CONFIG) if not (Path(lora) / f).is_file()]
+        if missing:
+            raise ValueError(f"{name}: LoRA {str(lora)!r} holds no {' / '.join(missing)}")
+
+
 def run_start(run: Path, default_base: str | Path) -> tuple[Path, tuple[Path, ...]]:
     """(base, merges) a GRPO run started from: its summary.json params, else its cold_start outputs."""
     summary = run / "summary.json"

@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from grpo_lib.params import check_knobs
-from .checkpoints import Recipe, RunLayout, cold_start_model, grpo_recipe, repo_path
+from .checkpoints import Recipe, RunLayout, check_recipe, cold_start_model, grpo_recipe, repo_path
 
 
 SPLITS = {"val": "data/counting/val.jsonl", "test": "data/counting/test.jsonl"}
@@ -122,6 +122,8 @@ def split_tables(stages: dict[str, "Recipe"], *, prompts: str | None = None, spl
     from .sharded_sampling import ShardedSampler
 
     _split_seed(split, seed)                                   # names a bad split before any sampling
+    for name, recipe in stages.items():                        # and a missing checkpoint
+        check_recipe(recipe, name)
     rows = load_rows(prompts or SPLITS[split])
     with ShardedSampler(processes) as sampler:
         return {name: _split_table(recipe, rows, images_per_prompt=images_per_prompt, num_steps=num_steps,

@@ -239,3 +239,18 @@ def test_a_cold_start_lora_sits_on_the_model_it_was_trained_on(tmp_path):
         checkpoints.Recipe(tmp_path / "other" / "merged", (), cs / "lora")
     (cs / "summary.json").write_text("{not json")
     assert checkpoints.grpo_recipe(cs / "lora", tmp_path / "base").base == tmp_path / "base"
+
+
+def test_check_recipe_names_the_stage_and_the_missing_file_before_any_sampling(tmp_path):
+    """study compare builds many recipes; a missing LoRA must stop it before the first image, not at its last stage."""
+    from grpo_lib.study import split_tables
+
+    tiny_base().save_pretrained(tmp_path / "base")
+    tiny_policy().save_lora(tmp_path / "lora")
+    (tmp_path / "empty").mkdir()
+    checkpoints.check_recipe(checkpoints.Recipe(tmp_path / "base", (tmp_path / "lora",), tmp_path / "lora"))
+    with pytest.raises(ValueError, match=r"^nope: base '.*nobase' holds no tiny_policy.json$"):
+        checkpoints.check_recipe(checkpoints.Recipe(tmp_path / "nobase"), "nope")
+    with pytest.raises(ValueError, match=r"^late: LoRA '.*empty' holds no lora.safetensors / lora_config.json$"):
+        split_tables({"fine": checkpoints.Recipe(tmp_path / "base"),
+                      "late": checkpoints.Recipe(tmp_path / "base", lora=tmp_path / "empty")}, split="val")

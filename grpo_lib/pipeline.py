@@ -24,14 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (notebook, params experiment) in execution order; None runs the notebook's own defaults (its parameters
 # cell): 03 evaluates the renderer on the full held-out set (the detector's sanity check, accuracy 1.0),
-# 04 previews the shipped base. 01 and 02 run the recipe chosen on val (results/budget_split_cosine/): 3,200
-# cold-start steps with a cosine lr, then 9 epochs of DiffusionNFT at lr 3e-4. Flow-GRPO, the seeds' method, is
-# --use 01_cold_start=default 02_counting_grpo=strict_first_50 (make run's stages until session 7); session 7's
-# split is --use 01_cold_start=split 02_counting_grpo=nft_cosine_split.
+# 04 previews the shipped base. 01 and 02 are make run's (results/make_run_s15/): 2,000 cold-start steps with a
+# cosine lr, then 9 epochs of DiffusionNFT at lr 3e-4, the final table on 2 images per test prompt sampled on 2
+# processes, so that the whole run fits 30 minutes here. Session 10's recipe (3,200 steps, chosen on val in
+# results/budget_split_cosine/) is --use 01_cold_start=cosine 02_counting_grpo=nft_cosine_short. Flow-GRPO, the
+# seeds' method, is --use 01_cold_start=default 02_counting_grpo=strict_first_50 (make run's stages until session 7).
 STAGES: list[tuple[str, str | None]] = [
     ("00_derivation_checks", "default"),
-    ("01_cold_start", "cosine"),
-    ("02_counting_grpo", "nft_cosine_short"),
+    ("01_cold_start", "make_run"),
+    ("02_counting_grpo", "make_run"),
     ("03_evaluate", None),
     ("04_inference_preview", None),
 ]

@@ -52,11 +52,7 @@ def _split_table(recipe, rows, *, images_per_prompt: int, num_steps: int, shift:
     load = partial(load_policy, recipe)
     kwargs = dict(images_per_prompt=images_per_prompt, num_steps=num_steps, shift=shift,
                   guidance_scale=guidance_scale, seed=_split_seed(split, seed), progress=progress)
-    if sampler is None:
-        with ShardedSampler(processes=1) as one:
-            images, flat = one.sample(load, rows, **kwargs)
-    else:
-        images, flat = sampler.sample(load, rows, **kwargs)
+    images, flat = (sampler or ShardedSampler(processes=1)).sample(load, rows, **kwargs)   # 1: no pool to open
     if images_out is not None:
         images_out[name] = images
     return per_image_table(images, flat)

@@ -15,6 +15,7 @@ LoRA on the base's denoiser:
 | ``weighting``                 | w(sigma) (``flow_matching.loss_weight``)                               |
 | ``batch_size`` x ``grad_accum`` x processes | samples per optimizer step                              |
 | ``prior_mix``                 | share of x_0 replayed from the base's pretraining scenes (prior preservation, embedded) |
+| ``count_weight_power``        | k: a row asking for N objects is drawn with probability proportional to N^k (embedded; 0: uniform) |
 
 Data. Embedded world: ``scenes.ExactCountDataset`` renders, for each sample, a scene with exactly the
 count its prompt row asks for (``data/counting/train.jsonl``: counts 1-10, captions that always say the
@@ -99,6 +100,7 @@ class ColdStartParams:
     max_grad_norm: float = 1.0                         # gradient clipping (0 disables it)
     caption_dropout: float = 0.1                       # probability of training on the empty prompt (CFG)
     prior_mix: float = 0.0                             # embedded: share of samples replayed from the base's pretraining scenes
+    count_weight_power: float = 0.0                    # embedded: draw a row asking for N objects with weight N^k (0: uniform)
     logit_mean: float = 0.0                            # m of the logit-normal noise level
     logit_std: float = 1.0                             # s of the logit-normal noise level
     timestep_shift: float = 1.0                        # shift of the training noise level (SD3.5: 3.0)
@@ -151,6 +153,11 @@ class ColdStartParams:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
         if not 0 <= self.prior_mix < 1:
             raise ValueError(f"prior_mix={self.prior_mix} must be in [0, 1)")
+        if not math.isfinite(self.count_weight_power):
+            raise ValueError(f"count_weight_power={self.count_weight_power} must be a finite number")
+        if self.world == "sd3" and self.count_weight_power:
+            raise ValueError(f"count_weight_power={self.count_weight_power} weights the embedded world's prompt rows; "
+                             "world='sd3' trains on its image folder as it is (0 here)")
         if self.world == "sd3" and self.prior_mix:
             raise ValueError(f"prior_mix={self.prior_mix} replays the embedded world's pretraining scenes; "
                              "world='sd3' has none here (put the base's own images in the image folder instead)")
@@ -202,14 +209,16 @@ class EmbeddedCountingData:
     (circles in colours the rows only show as squares). Replay uses counts above ``WEB_EXACT_MAX`` only, whose
     captions carry no number word, so no replayed caption is a val or test prompt."""
 
-    def __init__(self, rows: Sequence[dict], seed: int, size: int = 32, prior_mix: float = 0.0):
+    def __init__(self, rows: Sequence[dict], seed: int, size: int = 32, prior_mix: float = 0.0,
+                 count_weight_power: float = 0.0):
         from .prompts import WEB_EXACT_MAX
         from .scenes import ExactCountDataset, WebCaptionDataset
 
         if not 0 <= prior_mix < 1:
             raise ValueError(f"prior_mix={prior_mix} must be in [0, 1)")
         self.seed, self.prior_mix = seed, prior_mix
-        self.ds = ExactCountDataset(rows, length=2 ** 62, seed=seed, size=size)
+        self.ds = ExactCountDataset(rows, length=2 ** 62, seed=seed, size=size,
+                                    count_weight_power=count_weight_power)
         self.prior = (WebCaptionDataset(2 ** 62, seed=seed, size=size, min_count=WEB_EXACT_MAX + 1)
                       if prior_mix > 0 else None)
 
@@ -341,7 +350,7 @@ class ColdStart:
             raise ValueError("the policy has no trainable parameters; cold start trains a LoRA (add_lora first)")
         if embedded:
             self.data = EmbeddedCountingData(load_rows(p.prompts), p.seed, size=self.policy.latent_shape[-1],
-                                             prior_mix=p.prior_mix)
+                                             prior_mix=p.prior_mix, count_weight_power=p.count_weight_power)
         else:
             self.data = ImageFolderData(self.policy, p.image_folder, self.policy.height, p.seed,
                                         batch_size=p.eval_batch_size, progress=p.progress)

@@ -195,19 +195,37 @@ class _SceneDataset:
 
 
 class ExactCountDataset(_SceneDataset):
-    """Scenes with exact-count captions from prompt rows (the cold-start "custom counting dataset")."""
+    """Scenes with exact-count captions from prompt rows (the cold-start "custom counting dataset").
+
+    Each scene picks a row; with ``count_weight_power`` = k the pick is weighted,
+
+        P(row) = N_row^k / sum_rows N^k,
+
+    so k = 1 draws a 10-object row ten times as often as a 1-object row (the high counts are the hard ones).
+    k = 0 is the uniform pick, drawn exactly as before the knob existed (``rng.integers``).
+    """
 
     def __init__(self, rows: Sequence[dict], length: int, seed: int = 0, size: int = 32,
-                 background_noise: float = 0.0):
+                 background_noise: float = 0.0, count_weight_power: float = 0.0):
         super().__init__(length, seed, size, background_noise)
         if not rows:
             raise ValueError("ExactCountDataset needs at least one prompt row")
+        if not (isinstance(count_weight_power, (int, float)) and math.isfinite(count_weight_power)):
+            raise ValueError(f"count_weight_power={count_weight_power!r} must be a finite number")
         self.rows = list(rows)
-        for r in self.rows:
-            row_target(r)
+        counts = np.array([row_target(r)[1] for r in self.rows], dtype=np.float64)
+        self.row_probs = None
+        if count_weight_power:
+            w = counts ** float(count_weight_power)
+            self.row_probs = w / w.sum()
+
+    def _pick_row(self, rng: np.random.Generator) -> dict:
+        if self.row_probs is None:
+            return self.rows[int(rng.integers(len(self.rows)))]
+        return self.rows[int(rng.choice(len(self.rows), p=self.row_probs))]
 
     def _spec(self, idx, rng):
-        row = self.rows[int(rng.integers(len(self.rows)))]
+        row = self._pick_row(rng)
         cls, count = row_target(row)
         return cls, count, row["prompt"]
 

@@ -147,6 +147,10 @@ def test_bad_params_name_the_value(tiny_base, tmp_path):
         ColdStartParams(world="sd3", image_folder="x", prior_mix=0.2)
     with pytest.raises(ValueError, match="num_processes=0 must be >= 1"):
         ColdStartParams(num_processes=0)
+    with pytest.raises(ValueError, match="count_weight_power=nan must be a finite number"):
+        ColdStartParams(count_weight_power=float("nan"))
+    with pytest.raises(ValueError, match="count_weight_power=1.0 weights the embedded world's prompt rows"):
+        ColdStartParams(world="sd3", image_folder="x", count_weight_power=1.0)
     with pytest.raises(ValueError, match="resolution=64 but the embedded checkpoint"):
         ColdStart(_params(tiny_base, tmp_path, resolution=64))
 
@@ -176,6 +180,33 @@ def test_prior_mix_replays_every_class_with_no_number_word_keyed_on_the_position
     x_all, p_all = mixed(np.arange(64))
     x_half, p_half = mixed(np.arange(32, 64))
     assert p_all[32:] == p_half and torch.equal(x_all[32:], x_half)
+
+
+def test_count_weight_power_draws_rows_in_proportion_to_their_count(repo):
+    """count_weight_power k: a row asking for N objects is drawn with probability N^k / sum N^k. On the train
+    rows (70 per count 1-10), k = 1 gives count N the share N / 55 and k = 2 the share N^2 / 385; k = 0 keeps
+    the uniform draw exactly (the same scenes as a dataset built without the knob)."""
+    from grpo_lib.cold_start import EmbeddedCountingData
+    from grpo_lib.prompts import load_rows
+    from grpo_lib.scenes import ExactCountDataset
+
+    rows = load_rows(repo / "data" / "counting" / "train.jsonl")
+    n = 4000
+    for k, denom in ((1.0, 55.0), (2.0, 385.0)):
+        ds = ExactCountDataset(rows, length=n, seed=3, count_weight_power=k)
+        share = np.bincount([ds._pick_row(np.random.default_rng(i))["include"][0]["count"] for i in range(n)],
+                            minlength=11)[1:] / n
+        expected = np.arange(1, 11) ** k / denom
+        # binomial standard error at n = 4000 is at most 0.008; 4 of them bound every count
+        assert np.all(np.abs(share - expected) < 4 * np.sqrt(expected * (1 - expected) / n))
+    weighted = EmbeddedCountingData(rows, seed=0, count_weight_power=1.0)
+    assert np.mean([weighted.item(i)["count"] for i in range(1000)]) > 6.3      # 385 / 55 = 7.0; uniform 5.5
+    plain, zero = EmbeddedCountingData(rows, seed=0), EmbeddedCountingData(rows, seed=0, count_weight_power=0.0)
+    for i in range(50):
+        assert plain.item(i)["prompt"] == zero.item(i)["prompt"]
+        assert np.array_equal(plain.item(i)["pixels"], zero.item(i)["pixels"])
+    with pytest.raises(ValueError, match="count_weight_power=inf must be a finite number"):
+        ExactCountDataset(rows, length=1, count_weight_power=float("inf"))
 
 
 def _imagefolder(folder, n=6, size=64):

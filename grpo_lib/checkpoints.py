@@ -242,6 +242,15 @@ class Recipe:
     merges: tuple[Path, ...] = ()
     lora: Path | None = None
 
+    def __post_init__(self):
+        # str paths are what a notebook or a shell passes; every consumer wants Path (``.name``, ``/``)
+        if isinstance(self.merges, (str, Path)):
+            raise ValueError(f"merges={str(self.merges)!r} must be a sequence of LoRA dirs, e.g. (path,)")
+        object.__setattr__(self, "base", Path(self.base))
+        object.__setattr__(self, "merges", tuple(Path(m) for m in self.merges))
+        if self.lora is not None:
+            object.__setattr__(self, "lora", Path(self.lora))
+
 
 def check_recipe(recipe: Recipe, name: str = "recipe") -> None:
     """Raise ValueError naming ``name`` and the path when ``recipe``'s base, a merge or its LoRA is missing:

@@ -254,3 +254,18 @@ def test_check_recipe_names_the_stage_and_the_missing_file_before_any_sampling(t
     with pytest.raises(ValueError, match=r"^late: LoRA '.*empty' holds no lora.safetensors / lora_config.json$"):
         split_tables({"fine": checkpoints.Recipe(tmp_path / "base"),
                       "late": checkpoints.Recipe(tmp_path / "base", lora=tmp_path / "empty")}, split="val")
+
+
+def test_recipe_takes_str_paths_and_refuses_a_bare_merge_path():
+    """A notebook passes str paths: the recipe holds them as Path (load_policy reads ``lora.name``); a bare
+    path as ``merges`` would be iterated letter by letter, so it is an error naming it."""
+    from pathlib import Path
+
+    from grpo_lib.checkpoints import Recipe
+
+    r = Recipe(base="data/checkpoints/tiny-base", merges=["runs/a/lora"], lora="runs/b/lora")
+    assert r == Recipe(base=Path("data/checkpoints/tiny-base"), merges=(Path("runs/a/lora"),),
+                       lora=Path("runs/b/lora"))
+    assert Recipe(base="x").lora is None
+    with pytest.raises(ValueError, match=r"merges='runs/a/lora' must be a sequence of LoRA dirs"):
+        Recipe(base="x", merges="runs/a/lora")

@@ -201,6 +201,9 @@ def test_count_weight_power_draws_rows_in_proportion_to_their_count(repo):
         assert np.all(np.abs(share - expected) < 4 * np.sqrt(expected * (1 - expected) / n))
     weighted = EmbeddedCountingData(rows, seed=0, count_weight_power=1.0)
     assert np.mean([weighted.item(i)["count"] for i in range(1000)]) > 6.3      # 385 / 55 = 7.0; uniform 5.5
+    uniform = ExactCountDataset(rows, length=n, seed=3, count_weight_power=0.0)
+    for i in range(50):                      # k = 0 is today's draw: one rng.integers over the rows
+        assert uniform._pick_row(np.random.default_rng(i)) is rows[int(np.random.default_rng(i).integers(len(rows)))]
     plain, zero = EmbeddedCountingData(rows, seed=0), EmbeddedCountingData(rows, seed=0, count_weight_power=0.0)
     for i in range(50):
         assert plain.item(i)["prompt"] == zero.item(i)["prompt"]

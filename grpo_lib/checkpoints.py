@@ -372,13 +372,24 @@ def _check_dir(path: str, name: str) -> None:
         raise ValueError(f"{name}={path!r} is not a directory")
 
 
+def _check_lora_targets(module: torch.nn.Module, targets: Sequence[str], model: str) -> None:
+    """Each LoRA target must name a layer of ``module`` (peft matches a name or a dotted suffix, and only
+    complains when no target matches at all, so a typo would silently train fewer layers)."""
+    names = [n for n, _ in module.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"lora_target_modules={list(targets)} do not all name layers of {model!r}: "
+                         f"{missing} match none (names look like {names[-3:]})")
+
+
 def build_policy(p, device, *, stream: str = "grpo_lora_init", merges: Sequence[str] | None = None,
                  trainable: str | None = None):
     """Base checkpoint ``p.model``, the cold-start LoRA merged in, a fresh LoRA (r = ``p.lora_rank``,
     alpha = ``p.lora_alpha``) initialised under :func:`seeded_init` (``p.seed``, ``stream``) on top.
 
     ``p`` is a ``GRPOParams`` or a ``ColdStartParams`` (fields ``world``, ``model``, ``convention``,
-    ``lora_rank``, ``lora_alpha``, ``seed``, ``mixed_precision``, ``resolution``); ``merges`` defaults
+    ``lora_rank``, ``lora_alpha``, ``seed``, ``mixed_precision``, ``resolution``; optional
+    ``lora_target_modules``); ``merges`` defaults
     to ``p.cold_start_lora`` when it has one; ``trainable`` to ``p.trainable`` (else ``"lora"``).
     """
     if merges is None:
@@ -386,6 +397,8 @@ def build_policy(p, device, *, stream: str = "grpo_lora_init", merges: Sequence[
         merges = [cs] if cs else []
     trainable = trainable or getattr(p, "trainable", "lora")
     lora = {"r": p.lora_rank, "lora_alpha": p.lora_alpha}
+    if getattr(p, "lora_target_modules", None):     # empty: the policy's own DEFAULT_LORA targets
+        lora["target_modules"] = list(p.lora_target_modules)
     with seeded_init(p.seed, stream):
         if p.world == "embedded":
             from .policies.base import select_trainable
@@ -396,6 +409,7 @@ def build_policy(p, device, *, stream: str = "grpo_lora_init", merges: Sequence[
                 policy.load_lora(m)
                 policy.merge_lora()
             if trainable == "lora":
+                _check_lora_targets(policy.unet, lora.get("target_modules", []), p.model)
                 policy.add_lora(lora)
             else:
                 select_trainable(policy, trainable)

@@ -10,6 +10,7 @@ LoRA on the base's denoiser:
 | code name                     | symbol / meaning                                                      |
 |-------------------------------|-----------------------------------------------------------------------|
 | ``lora_rank``, ``lora_alpha`` | r, alpha; the LoRA update is (alpha / r) B A (B = 0 at start)          |
+| ``lora_target_modules``       | the layers W that get a B A (empty: the policy's ``DEFAULT_LORA``)     |
 | ``x0``                        | x_0: a rendered exact-count scene (embedded, pixels in [-1, 1]) or the VAE latent of an image-folder image (sd3) |
 | ``logit_mean``, ``logit_std``, ``timestep_shift`` | sigma's logit-normal density and shift (``flow_matching.sample_timesteps``) |
 | ``weighting``                 | w(sigma) (``flow_matching.loss_weight``)                               |
@@ -55,7 +56,7 @@ import math
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -90,6 +91,7 @@ class ColdStartParams:
     resolution: int = 0                                # image size; 0 means the default (embedded 32, sd3 512)
     lora_rank: int = 8                                 # LoRA r
     lora_alpha: int = 8                                # LoRA alpha (scale alpha / r)
+    lora_target_modules: list[str] = field(default_factory=list)  # module names the LoRA wraps (empty: the policy's default)
     lr: float = 1e-3                                   # AdamW learning rate
     lr_warmup_steps: int = 20                          # linear warmup steps
     lr_schedule: str = "constant"                      # after warmup: constant | cosine (to 0 at ``steps``)
@@ -153,6 +155,9 @@ class ColdStartParams:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
         if not 0 <= self.prior_mix < 1:
             raise ValueError(f"prior_mix={self.prior_mix} must be in [0, 1)")
+        if any(not isinstance(t, str) or not t for t in self.lora_target_modules):
+            raise ValueError(f"lora_target_modules={self.lora_target_modules!r} must be module names (non-empty "
+                             "strings such as 'to_q' or 'time_emb_proj'); [] keeps the policy's default")
         if not math.isfinite(self.count_weight_power):
             raise ValueError(f"count_weight_power={self.count_weight_power} must be a finite number")
         if self.world == "sd3" and self.count_weight_power:

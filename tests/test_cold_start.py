@@ -112,6 +112,46 @@ def test_finish_writes_lora_and_merged_that_the_grpo_stage_loads(tiny_base, tmp_
             torch.testing.assert_close(v, v_trained, atol=1e-5, rtol=1e-4)
 
 
+def test_lora_target_modules_wrap_exactly_the_named_layers_and_the_grpo_stage_loads_them(tiny_base, tmp_path):
+    """lora_target_modules replaces the policy's default targets: every Linear / Conv2d whose name ends in a
+    listed name gets r (in + out) LoRA weights, no other layer does; the saved LoRA carries its targets, so GRPO
+    merges it into the same model; a name that matches no layer is an error naming the field."""
+    from grpo_lib.policies.tiny import TinyPolicy
+    from grpo_lib.train import GRPOParams, load_policy_for
+
+    targets = ["time_emb_proj", "linear_1", "linear_2"]          # the time and pooled-prompt embeddings
+    cs = ColdStart(_params(tiny_base, tmp_path, steps=2, lora_rank=4, lora_alpha=4, lora_target_modules=targets))
+    base = TinyPolicy.from_pretrained(tiny_base)
+    layers = {n: m for n, m in base.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    hit = [n for n in layers if n.split(".")[-1] in targets]
+    resnets = [n for n, _ in base.unet.named_modules() if n.split(".")[-2:-1] == ["resnets"]]
+    assert len(hit) == 4 + len(resnets) and len(resnets) > 0      # 2 linears in 2 embeddings, 1 per resnet
+    expected = sum(4 * (m.in_features + m.out_features) for n, m in layers.items() if n in hit)
+    assert sum(q.numel() for q in cs.params_list) == expected
+    wrapped = {n.rsplit(".lora_", 1)[0] for n, _ in cs.policy.unet.named_parameters() if ".lora_A." in n}
+    assert wrapped == set(hit)
+
+    cs.train()
+    x, t, _ = cs._probe()
+    prompts = ["a photo of seven red circles", "two blue squares"]
+    with torch.no_grad():
+        v_trained = cs.policy.velocity(x, t, cs.policy.encode(prompts), 2.0)
+        with cs.policy.reference():
+            v_base = cs.policy.velocity(x, t, cs.policy.encode(prompts), 2.0)
+    assert (v_trained - v_base).abs().max() > 1e-4
+    cs.finish()
+    via_lora = load_policy_for(GRPOParams(model=str(tiny_base), cold_start_lora=str(tmp_path / "cold_start/lora")),
+                               "cpu")
+    with torch.no_grad():
+        v_loaded = via_lora.velocity(x, t, via_lora.encode(prompts), 2.0)
+    torch.testing.assert_close(v_loaded, v_trained, atol=1e-5, rtol=1e-4)
+
+    with pytest.raises(ValueError, match=r"lora_target_modules=\['to_q', 'nope'\] do not all name layers"):
+        ColdStart(_params(tiny_base, tmp_path / "bad", lora_target_modules=["to_q", "nope"]))
+    with pytest.raises(ValueError, match=r"lora_target_modules=\['to_q', ''\] must be module names"):
+        ColdStartParams(lora_target_modules=["to_q", ""])
+
+
 def test_select_eval_rows_spreads_over_each_count(repo):
     from grpo_lib.prompts import load_rows
     rows = load_rows(repo / "data/counting/test.jsonl")

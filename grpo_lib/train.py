@@ -126,6 +126,7 @@ class GRPOParams:
     resume: bool = False                                   # continue from run_dir/checkpoints/latest
     time_budget_minutes: float = 0.0                       # stop after this many minutes (0 = no limit)
     guard_max_drop: float = 0.05                           # quality guard: max relative drop vs the start
+    guard_max_count_drop: float = 0.0                      # count guard: max drop of any count's exact accuracy vs the start (0 = off)
     keep_start: bool = False                               # epoch 0 (the untrained start) competes in selection
     unseen_prompts: str = ""                               # extra final-eval rows, e.g. counts never trained on ("" = none)
     final_images_per_prompt: int = 4                       # final eval: images per held-out prompt
@@ -187,6 +188,9 @@ class GRPOParams:
         if not 0 <= self.anchor_max_decay < 1 or self.anchor_rate < 0 or self.anchor_beta < 0:
             raise ValueError(f"anchor_rate={self.anchor_rate} must be >= 0, anchor_max_decay="
                              f"{self.anchor_max_decay} in [0, 1) and anchor_beta={self.anchor_beta} >= 0")
+        if not 0 <= self.guard_max_count_drop < 1:
+            raise ValueError(f"guard_max_count_drop={self.guard_max_count_drop} must be in [0, 1) (an absolute drop "
+                             "of one count's exact-count accuracy; 0 turns the count guard off)")
         if not 0 < self.awm_p <= 1:
             raise ValueError(f"awm_p={self.awm_p} must be in (0, 1]")
         from grpo_lib.lr_schedule import LR_SCHEDULES
@@ -799,6 +803,10 @@ class GRPOTrainer:
         The guard compares the mean detector confidence and shape / background / area measures of
         the images with those at the run's start; a relative drop above ``guard_max_drop`` fails it,
         so a reward bought with degenerate images shows (and that checkpoint is never the best).
+
+        The count guard (``guard_max_count_drop`` = d > 0) fails an epoch whose exact-count accuracy at any
+        requested count n falls more than d below the start's, acc_n(epoch) < acc_n(0) - d: a selection by the
+        mean alone keeps an epoch that trades one count away for small gains at the others.
         """
         import contextlib
 
@@ -826,15 +834,43 @@ class GRPOTrainer:
             vals = np.concatenate([np.asarray(inf[key]) for inf in infos])
             if vals.dtype.kind in "fiub" and vals.ndim == 1:
                 out[f"eval_{key}"] = self._gather_mean(vals.astype(np.float32))
+        per_count = self._per_count_accuracy(infos)
+        out.update({f"eval_acc_count_{n}": a for n, a in per_count.items()})
         guard = {k: out[f"eval_{k}"] for k in QUALITY_KEYS if f"eval_{k}" in out}
         if self.guard_reference is None:
-            self.guard_reference = guard
+            self.guard_reference = {**guard, **{f"acc_count_{n}": a for n, a in per_count.items()}}
         drops = {k: (self.guard_reference[k] - v) / max(abs(self.guard_reference[k]), 1e-8)
                  for k, v in guard.items() if k in self.guard_reference}
         out["guard_max_drop"] = max(drops.values()) if drops else 0.0
         out["guard_pass"] = float(out["guard_max_drop"] <= p.guard_max_drop)
+        if p.guard_max_count_drop:
+            count_drops = [self.guard_reference[f"acc_count_{n}"] - a for n, a in per_count.items()
+                           if f"acc_count_{n}" in self.guard_reference]
+            if not count_drops:
+                raise ValueError(f"guard_max_count_drop={p.guard_max_count_drop} needs a counting reward (its info "
+                                 "'target' and 'correct') on counting eval rows, measured at the start too; this run has no start "
+                                 "reference per count")
+            out["guard_max_count_drop"] = max(count_drops)
+            out["guard_pass"] = float(out["guard_pass"] and out["guard_max_count_drop"] <= p.guard_max_count_drop)
         self.budget["eval_reward_calls"] += len(self.eval_rows) * p.eval_images_per_prompt   # all processes
         return out
+
+    def _per_count_accuracy(self, infos: list[dict]) -> dict[int, float]:
+        """{n: exact-count accuracy of the eval images asking for n objects}, over all processes (empty when
+        the reward's info has no 'target' / 'correct'). Sums are all-reduced as fixed-length vectors, so
+        processes holding different counts agree."""
+        from grpo_lib.prompts import MAX_COUNT
+
+        if not infos or not all("target" in i and "correct" in i for i in infos):
+            return {}
+        target = np.concatenate([np.asarray(i["target"]) for i in infos]).astype(np.int64)
+        correct = np.concatenate([np.asarray(i["correct"]) for i in infos]).astype(np.float64)
+        sums = torch.zeros(2, MAX_COUNT + 1, dtype=torch.float64)
+        sums[0].index_add_(0, torch.as_tensor(target), torch.as_tensor(correct))
+        sums[1].index_add_(0, torch.as_tensor(target), torch.ones(len(target), dtype=torch.float64))
+        if self.acc.num_processes > 1:
+            sums = self.acc.reduce(sums.to(self.acc.device), reduction="sum").cpu()
+        return {n: float(sums[0, n] / sums[1, n]) for n in range(MAX_COUNT + 1) if sums[1, n] > 0}
 
     def _gather_mean(self, values: np.ndarray) -> float:
         t = torch.as_tensor(values, dtype=torch.float32, device=self.acc.device)

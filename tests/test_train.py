@@ -485,3 +485,58 @@ def test_ranks_that_disagree_are_an_error(tmp_path, monkeypatch):
             t.check_ranks_agree("at init")
     finally:
         t.close()
+
+
+def test_count_guard_refuses_an_epoch_that_loses_one_count(tmp_path, monkeypatch):
+    """guard_max_count_drop d: per-count exact accuracy is measured at every evaluation (eval_acc_count_<n>), and
+    an epoch whose accuracy at any count is more than d below the start's fails the guard, whatever its mean.
+    Scripted: the start draws every image right; the next evaluation loses every image of one count (mean
+    still high) and is refused at d = 0.3, accepted with the count guard off. Per-count sums add over processes."""
+    from grpo_lib.curriculum import row_count
+
+    lost: set[int] = set()
+
+    def scripted(images, prompts, rows):
+        target = np.array([row_count(r) for r in rows])
+        correct = np.array([n not in lost for n in target], np.float32)
+        return correct, {"target": target, "correct": correct}
+
+    for d in (0.3, 0.0):
+        lost.clear()
+        t = GRPOTrainer(small_params(tmp_path / f"g{d}", eval_max_prompts=10, eval_images_per_prompt=2,
+                                     guard_max_count_drop=d), policy=tiny_policy(), reward_fn=scripted)
+        try:
+            counts = sorted({row_count(r) for r in t.eval_rows})
+            start = t.evaluate(0)
+            assert {n: start[f"eval_acc_count_{n}"] for n in counts} == {n: 1.0 for n in counts}
+            assert start["guard_pass"] == 1.0
+            lost.add(counts[0])
+            after = t.evaluate(1)
+            n_lost = sum(row_count(r) == counts[0] for r in t.eval_rows)
+            assert after["eval_acc_count_%d" % counts[0]] == 0.0
+            assert after["eval_reward"] == pytest.approx(1 - n_lost / len(t.eval_rows))
+            if d:
+                assert after["guard_max_count_drop"] == 1.0 and after["guard_pass"] == 0.0
+            else:
+                assert "guard_max_count_drop" not in after and after["guard_pass"] == 1.0
+        finally:
+            t.close()
+
+    # 2 processes: each evaluates its share of the rows; the per-count (correct, n) sums are all-reduced. Here
+    # the other rank's sums are stood in for: one image asking for count c, drawn wrong.
+    lost.clear()
+    t = GRPOTrainer(small_params(tmp_path / "r2", eval_max_prompts=10, eval_images_per_prompt=2),
+                    policy=tiny_policy(), reward_fn=scripted)
+    try:
+        from grpo_lib.prompts import MAX_COUNT
+        c = row_count(t.eval_rows[0])                                   # a count rank 0 evaluates
+        other = torch.zeros(2, MAX_COUNT + 1, dtype=torch.float64)
+        other[1, c] = 1.0
+        monkeypatch.setattr(type(t.acc), "num_processes", property(lambda self: 2))
+        monkeypatch.setattr(t.acc, "reduce", lambda sums, reduction: sums + other)
+        monkeypatch.setattr(t, "_gather_mean", lambda v: float(np.mean(v)))
+        out = t.evaluate(0)
+        mine = sum(row_count(r) == c for r in t.eval_rows[0::2]) * 2     # images of count c on rank 0, all right
+        assert mine > 0 and out[f"eval_acc_count_{c}"] == pytest.approx(mine / (mine + 1))
+    finally:
+        t.close()

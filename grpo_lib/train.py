@@ -126,7 +126,7 @@ class GRPOParams:
     resume: bool = False                                   # continue from run_dir/checkpoints/latest
     time_budget_minutes: float = 0.0                       # stop after this many minutes (0 = no limit)
     guard_max_drop: float = 0.05                           # quality guard: max relative drop vs the start
-    guard_max_count_drop: float = 0.0                      # count guard: max drop of any count's exact accuracy vs the start (0 = off)
+    guard_max_count_drop: float = 0.0                      # count guard: max drop of any count's exact accuracy vs the start (0: off)
     keep_start: bool = False                               # epoch 0 (the untrained start) competes in selection
     unseen_prompts: str = ""                               # extra final-eval rows, e.g. counts never trained on ("" = none)
     final_images_per_prompt: int = 4                       # final eval: images per held-out prompt

@@ -186,3 +186,31 @@ def test_load_lora_from_another_architecture_is_a_value_error(tmp_path):
     other = TinyPolicy(TinyConfig(block_out_channels=(16, 32, 64), text_dim=32, text_layers=1), seed=0)
     with pytest.raises(ValueError, match="does not fit this model"):
         other.load_lora(tmp_path / "lora")
+
+
+def test_unet_weights_are_channels_last_unless_a_groupnorm_trains_behind_frozen_layers():
+    """The UNet runs channels-last (faster CPU kernels, the same values to float tolerance), except when a
+    GroupNorm trains while the first layers are frozen: torch 2.13's CPU GroupNorm backward segfaults on a
+    channels-last input that needs no gradient, so that case (head-only training) runs contiguous."""
+    from grpo_lib.policies.base import select_trainable
+
+    cfg = TinyConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, text_dim=32, text_layers=1)
+    policy = TinyPolicy(cfg, seed=0)
+    conv = policy.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cond = policy.encode(["three red circles", "one blue square"])
+    with torch.no_grad():
+        v_last = policy.velocity(x, 0.4, cond, 2.0)
+    policy.add_lora({"r": 4, "lora_alpha": 4})                     # LoRA: no GroupNorm trains
+    policy.velocity(x, 0.4, cond).pow(2).mean().backward()
+    assert policy.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+    head = TinyPolicy(cfg, seed=0)
+    select_trainable(head, "pattern:up_blocks")                     # GroupNorms of the head train, conv_in is frozen
+    v = head.velocity(x, 0.4, head.encode(["three red circles", "one blue square"]))
+    v.pow(2).mean().backward()                                      # segfaulted with channels-last weights
+    assert head.unet.conv_in.weight.is_contiguous()
+    assert any(q.grad is not None for n, q in head.unet.named_parameters() if "norm" in n)
+    with torch.no_grad():
+        torch.testing.assert_close(head.velocity(x, 0.4, cond, 2.0), v_last, atol=1e-5, rtol=1e-4)

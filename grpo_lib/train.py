@@ -847,9 +847,8 @@ class GRPOTrainer:
             count_drops = [self.guard_reference[f"acc_count_{n}"] - a for n, a in per_count.items()
                            if f"acc_count_{n}" in self.guard_reference]
             if not count_drops:
-                raise ValueError(f"guard_max_count_drop={p.guard_max_count_drop} needs a counting reward (its info "
-                                 "'target' and 'correct') on counting eval rows, measured at the start too; this run has no start "
-                                 "reference per count")
+                raise ValueError(f"guard_max_count_drop={p.guard_max_count_drop} needs per-count accuracy at the start "
+                                 "and now: a counting reward (info 'target' and 'correct') on counting eval rows")
             out["guard_max_count_drop"] = max(count_drops)
             out["guard_pass"] = float(out["guard_pass"] and out["guard_max_count_drop"] <= p.guard_max_count_drop)
         self.budget["eval_reward_calls"] += len(self.eval_rows) * p.eval_images_per_prompt   # all processes
@@ -865,6 +864,8 @@ class GRPOTrainer:
             return {}
         target = np.concatenate([np.asarray(i["target"]) for i in infos]).astype(np.int64)
         correct = np.concatenate([np.asarray(i["correct"]) for i in infos]).astype(np.float64)
+        inside = (target >= 0) & (target <= MAX_COUNT)          # a row the world can't draw has no count to log
+        target, correct = target[inside], correct[inside]
         sums = torch.zeros(2, MAX_COUNT + 1, dtype=torch.float64)
         sums[0].index_add_(0, torch.as_tensor(target), torch.as_tensor(correct))
         sums[1].index_add_(0, torch.as_tensor(target), torch.ones(len(target), dtype=torch.float64))

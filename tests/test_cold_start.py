@@ -35,6 +35,17 @@ def _lora(cs) -> list[torch.Tensor]:
     return [q.detach().clone() for q in cs.params_list]
 
 
+def _probe_velocities(cs):
+    """The cold start's probe (x, t), two prompts, and the CFG-2 velocity with the LoRA on and off."""
+    x, t, _ = cs._probe()
+    prompts = ["a photo of seven red circles", "two blue squares"]
+    with torch.no_grad():
+        v_trained = cs.policy.velocity(x, t, cs.policy.encode(prompts), 2.0)
+        with cs.policy.reference():
+            v_base = cs.policy.velocity(x, t, cs.policy.encode(prompts), 2.0)
+    return x, t, prompts, v_trained, v_base
+
+
 def test_grad_accumulation_and_resume_repeat_the_plain_run(tiny_base, tmp_path):
     # (a) batch 8 in one micro-batch == batch 4 accumulated twice: same samples, same noise, same update
     a = ColdStart(_params(tiny_base, tmp_path / "a", batch_size=8))
@@ -89,12 +100,7 @@ def test_finish_writes_lora_and_merged_that_the_grpo_stage_loads(tiny_base, tmp_
 
     cs = ColdStart(_params(tiny_base, tmp_path, steps=3, checkpoint_every=10))
     cs.train()
-    x, t, _ = cs._probe()
-    prompts = ["a photo of seven red circles", "two blue squares"]
-    with torch.no_grad():
-        v_trained = cs.policy.velocity(x, t, cs.policy.encode(prompts), 2.0)
-        with cs.policy.reference():
-            v_base = cs.policy.velocity(x, t, cs.policy.encode(prompts), 2.0)
+    x, t, prompts, v_trained, v_base = _probe_velocities(cs)
     assert (v_trained - v_base).abs().max() > 1e-3                     # the LoRA changed the model
     summary = cs.finish()
     out = tmp_path / "cold_start"
@@ -132,12 +138,7 @@ def test_lora_target_modules_wrap_exactly_the_named_layers_and_the_grpo_stage_lo
     assert wrapped == set(hit)
 
     cs.train()
-    x, t, _ = cs._probe()
-    prompts = ["a photo of seven red circles", "two blue squares"]
-    with torch.no_grad():
-        v_trained = cs.policy.velocity(x, t, cs.policy.encode(prompts), 2.0)
-        with cs.policy.reference():
-            v_base = cs.policy.velocity(x, t, cs.policy.encode(prompts), 2.0)
+    x, t, prompts, v_trained, v_base = _probe_velocities(cs)
     assert (v_trained - v_base).abs().max() > 1e-4
     cs.finish()
     via_lora = load_policy_for(GRPOParams(model=str(tiny_base), cold_start_lora=str(tmp_path / "cold_start/lora")),

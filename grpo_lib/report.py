@@ -86,13 +86,23 @@ def _guard_html(guard: list[dict]) -> str:
     return f"<ul>{''.join(rows)}</ul>" if rows else ""
 
 
+def _class_interval(r: dict) -> str:
+    """The class-clustered interval of a paired row, or a dash (older summaries, or a single class)."""
+    lo, hi = r.get("class_ci_low"), r.get("class_ci_high")
+    if lo is None or hi is None or lo != lo or hi != hi:                       # absent or NaN
+        return "&ndash;"
+    return f"[{100 * lo:+.1f}, {100 * hi:+.1f}] <small>({int(r['classes'])} classes)</small>"
+
+
 def _paired_html(paired: list[dict]) -> str:
-    """Stage-to-stage change on the same images (summary.json: test_paired)."""
+    """Stage-to-stage change on the same images (summary.json: test_paired), with the interval over images (these
+    prompts, other noise) and the class-clustered one (other colour-shape classes like these)."""
     rows = "".join(
         f"<tr><td>{html.escape(str(r['change']))}</td><td>{100 * r['diff']:+.1f} pp "
-        f"<small>[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]</small></td>"
+        f"<small>[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]</small></td><td>{_class_interval(r)}</td>"
         f"<td>{r['gained']} / {r['lost']}</td><td>{r['p_value']:.2g}</td></tr>" for r in paired)
-    return ("<h3>Paired change (same prompts and noise)</h3><table><tr><th>change</th><th>difference [95 %]</th>"
+    return ("<h3>Paired change (same prompts and noise)</h3><table><tr><th>change</th><th>difference [95 %, over "
+            "images]</th><th>[95 %, over classes]</th>"
             f"<th>images gained / lost</th><th>McNemar p</th></tr>{rows}</table>") if rows else ""
 
 

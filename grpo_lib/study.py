@@ -150,6 +150,11 @@ def shape_match_by_shape(table: pd.DataFrame) -> dict:
     return {f"shape_match_{k}": float(v) for k, v in table.groupby(shape)["shape_match"].mean().items()}
 
 
+# paired_difference's keys a comparison table keeps: the image-level interval (these prompts, other noise) and the
+# class-clustered one (other colour-shape classes like these)
+PAIRED_KEYS = ("diff", "ci_low", "ci_high", "class_ci_low", "class_ci_high", "gained", "lost", "p_value")
+
+
 def _check_references(stages, versus: tuple[str, ...], guard_vs: str | None) -> None:
     missing = [v for v in (*versus, *([guard_vs] if guard_vs else [])) if v not in stages]
     if missing:
@@ -160,8 +165,9 @@ def compare_tables(tables: dict[str, pd.DataFrame], *, versus: tuple[str, ...] =
                    guard_max_drop: float = 0.05) -> pd.DataFrame:
     """One row per stage: exact-count accuracy with its interval, shape match (overall and per shape), and the
     paired change against the first stage and every stage in ``versus`` (``evaluate.paired_difference``:
-    difference, 95 % interval, images gained / lost, McNemar p). With ``guard_vs``, also each stage's worst
-    relative quality drop against that stage and the guard ``worst_drop_vs_<guard_vs> <= guard_max_drop``."""
+    difference, 95 % intervals over images and over classes, images gained / lost, McNemar p). With
+    ``guard_vs``, also each stage's worst relative quality drop against that stage and the guard
+    ``worst_drop_vs_<guard_vs> <= guard_max_drop``."""
     from .evaluate import paired_difference
     from .experiment import quality_change, quality_means
 
@@ -183,8 +189,7 @@ def compare_tables(tables: dict[str, pd.DataFrame], *, versus: tuple[str, ...] =
         for ref in dict.fromkeys((first, *versus)):
             if name != ref:
                 d = paired_difference(tables[ref], t)
-                row.update({f"vs_{ref}_{k}": v for k, v in d.items() if k in ("diff", "ci_low", "ci_high", "gained",
-                                                                             "lost", "p_value")})
+                row.update({f"vs_{ref}_{k}": d[k] for k in PAIRED_KEYS})
         out.append(row)
         print(f"[study] {name}: {acc['accuracy']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]", flush=True)
     return pd.DataFrame(out)
@@ -408,7 +413,7 @@ def compare_at_budgets(p: StudyParams, runs: dict[str, Path], curves: pd.DataFra
             if ref is t:
                 continue
             d = paired_difference(ref, t)
-            row.update({f"vs_{ref_name}_{k}": d[k] for k in ("diff", "ci_low", "ci_high", "gained", "lost", "p_value")})
+            row.update({f"vs_{ref_name}_{k}": d[k] for k in PAIRED_KEYS})
         out.append(row)
     return pd.DataFrame(out), {"start": start, **tables}
 

@@ -86,6 +86,32 @@ def test_paired_difference_exact_values():
     assert r["p_value"] == pytest.approx(2 * 79 / 4096)
 
 
+def test_paired_difference_class_clustered_interval():
+    # 3 classes x 4 images; d = after - before: A = [1, 1, 0, 0], B = [0, 0, 0, 0], C = [-1, 0, 0, 0]
+    before = [0, 0, 1, 0] + [1, 1, 0, 0] + [1, 0, 1, 0]
+    after = [1, 1, 1, 0] + [1, 1, 0, 0] + [0, 0, 1, 0]
+    b, a = _paired(before, after)
+    classes = ["A"] * 4 + ["B"] * 4 + ["C"] * 4
+    r = paired_difference(b.assign(**{"class": classes}), a.assign(**{"class": classes}))
+    assert r["diff"] == pytest.approx(1 / 12) and r["classes"] == 3
+    # S_g = class sums of d_i - 1/12: 5/3, -1/3, -4/3; Var = 3/2 * (25 + 1 + 16) / 9 / 144 = 7 / 144; t_2 = 4.3027
+    half = 4.302652729749462 * np.sqrt(7) / 12
+    assert (r["class_ci_low"], r["class_ci_high"]) == (pytest.approx(1 / 12 - half), pytest.approx(1 / 12 + half))
+    # one image per class: the image interval's variance times m / (m - 1), with t_{m-1} for z
+    before = [0] * 10 + [1] * 2 + [1] * 40 + [0] * 48
+    after = [1] * 10 + [0] * 2 + [1] * 40 + [0] * 48
+    b, a = _paired(before, after)
+    own = [f"c{i}" for i in range(100)]
+    r = paired_difference(b.assign(**{"class": own}), a.assign(**{"class": own}))
+    half = 1.9842169515864174 * np.sqrt(100 / 99 * (12 - 64 / 100)) / 100           # t_99 at 0.975
+    assert r["classes"] == 100 and r["class_ci_high"] - 0.08 == pytest.approx(half)
+    # one class, or no class column: no class interval
+    r = paired_difference(b.assign(**{"class": "x"}), a.assign(**{"class": "x"}))
+    assert r["classes"] == 1 and np.isnan(r["class_ci_low"]) and np.isnan(paired_difference(b, a)["classes"])
+    with pytest.raises(ValueError, match="different classes"):
+        paired_difference(b.assign(**{"class": own}), a.assign(**{"class": own[::-1]}))
+
+
 def test_paired_difference_no_change_and_bad_input():
     same = _paired([1, 0, 1], [1, 0, 1])
     r = paired_difference(*same)

@@ -37,7 +37,10 @@ def fake_run(tmp_path):
                                       {"stage": "grpo", "guard_pass": False, "worst_drop_vs_start": 0.083,
                                        "guard_pass_vs_base": False, "worst_drop_vs_base": 0.121}]}
     summary["test_paired"] = [{"change": "cold_start -> grpo", "n": 20, "diff": 0.034, "ci_low": 0.0163,
-                               "ci_high": 0.0514, "gained": 5, "lost": 1, "p_value": 0.21875}]
+                               "ci_high": 0.0514, "gained": 5, "lost": 1, "p_value": 0.21875},       # an older summary
+                              {"change": "base -> cold_start", "n": 20, "diff": 0.1, "ci_low": 0.05, "ci_high": 0.15,
+                               "class_ci_low": -0.021, "class_ci_high": 0.221, "classes": 3, "gained": 4,
+                               "lost": 2, "p_value": 0.6875}]
     (run / "summary.json").write_text(json.dumps(summary))
     pngs = {"accuracy_test.png": _png(run / "grpo" / "accuracy_test.png", 10),
             "curves.png": _png(run / "grpo" / "curves.png", 200)}
@@ -61,8 +64,10 @@ def test_report_links_notebooks_tabulates_stages_and_embeds_plots(fake_run):
                     "<td>0.700 <small>[0.397, 0.892]</small> <small>n=10</small></td>"
                     "<td><b>0.900 <small>[0.596, 0.982]</small> <small>n=10</small></b></td>")
     assert "<tr><td>00_derivation_checks</td><td>12.5</td><td>1.23</td></tr>" in page   # seconds, GiB
-    assert ("<tr><td>cold_start -&gt; grpo</td><td>+3.4 pp <small>[+1.6, +5.1]</small></td>"
+    assert ("<tr><td>cold_start -&gt; grpo</td><td>+3.4 pp <small>[+1.6, +5.1]</small></td><td>&ndash;</td>"
             "<td>5 / 1</td><td>0.22</td></tr>") in page
+    assert ("<tr><td>base -&gt; cold_start</td><td>+10.0 pp <small>[+5.0, +15.0]</small></td>"
+            "<td>[-2.1, +22.1] <small>(3 classes)</small></td><td>4 / 2</td><td>0.69</td></tr>") in page
     row7 = re.search(r"<tr><td>7</td>(.*?)</tr>", page).group(1)
     assert row7.count("<b>") == 2                                 # a tie: both best stages bold
     assert '<tr class="all"><td>all</td>' in page and "0.550 <small>[0.300, 0.700]</small> <small>n=20</small>" in page
